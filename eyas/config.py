@@ -1,0 +1,102 @@
+"""Engine configuration: frozen dataclasses, filled from YAML and CLI flags, validated early."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from eyas.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """EAGLE-3 speculation. steps = chain length K (tree depth); topk > 1 drafts a tree."""
+
+    draft: Optional[str] = None
+    steps: int = 5
+    topk: int = 1
+    draft_tokens: int = 8  # tree budget (topk > 1)
+    policy: str = "fixed"
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"spec_steps must be >= 1, got {self.steps}")
+        if self.topk < 1:
+            raise ConfigError(f"spec_topk must be >= 1, got {self.topk}")
+        if self.draft_tokens < 1:
+            raise ConfigError(f"spec_draft_tokens must be >= 1, got {self.draft_tokens}")
+        if self.policy not in ("fixed", "adaptive"):
+            raise ConfigError(f"spec_policy must be 'fixed' or 'adaptive', got {self.policy!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.draft is not None
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens verified per sequence per step (the KV lookahead is this + 1)."""
+        return self.steps if self.topk == 1 else self.draft_tokens
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    max_model_len: Optional[int] = None  # default: min(model's max positions, 4096)
+    block_size: int = 16
+    kv_cache_memory: Any = "auto"  # bytes ('2GiB') or fraction of free memory (0.5)
+    num_kv_blocks: Optional[int] = None  # exact block count; overrides kv_cache_memory
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    eager: Optional[bool] = None  # None: compile on GPU, eager on CPU
+    num_threads: Optional[int] = None  # CPU intra-op threads (None: torch default)
+    seed: int = 0
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def replace(self, **changes) -> "EngineConfig":
+        spec_changes = {k[5:]: changes.pop(k) for k in list(changes) if k.startswith("spec_")}
+        if "draft" in changes:
+            spec_changes["draft"] = changes.pop("draft")
+        cfg = dataclasses.replace(self, **changes)
+        if spec_changes:
+            cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, **spec_changes))
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineConfig":
+        """Flat keys as on the command line with underscores: model, draft, spec_steps, ..."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"spec"}
+        spec_known = {"spec_" + f.name for f in dataclasses.fields(SpecConfig)} | {"draft"}
+        unknown = set(data) - known - spec_known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+        return cls().replace(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, section: str = "engine") -> "EngineConfig":
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = data.get(section, data)
+        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})

@@ -1,0 +1,257 @@
+"""LLMEngine: add_request / step / abort over the scheduler, the allocator and the model."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from eyas.config import EngineConfig
+from eyas.core import RequestOutput, SamplingParams, Sequence, SeqStatus, SpecStats
+from eyas.detok import IncrementalDetokenizer
+from eyas.errors import ConfigError, InvalidRequestError
+from eyas.hub import eos_token_ids, load_tokenizer, resolve_model
+from eyas.kv.allocator import BlockAllocator
+from eyas.kv.cache import KVLayout, allocate_kv, num_blocks_for
+from eyas.layers.sampler import sample
+from eyas.models.loader import load_model
+from eyas.scheduler import Scheduler
+from eyas.workers.input_batch import SeqSpan
+from eyas.workers.model_runner import ModelRunner
+
+log = logging.getLogger("eyas")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but no GPU is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype: expected one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    return _DTYPES[name]
+
+
+@dataclass
+class Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    start_time: float
+    first_token_time: Optional[float] = None
+    sent_tokens: int = 0  # output tokens already reported in a delta
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        folder = resolve_model(config.model)
+        self.model_path = folder
+        self.tokenizer = load_tokenizer(folder)
+        self.eos_token_ids = tuple(eos_token_ids(folder))
+        self.model = load_model(folder, dtype=self.dtype, device=self.device)
+        self.hf_config = self.model.config
+        max_pos = getattr(self.hf_config, "max_position_embeddings", 4096) or 4096
+        self.max_model_len = config.max_model_len or min(max_pos, 4096)
+        if self.max_model_len > max_pos:
+            raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's "
+                              f"max_position_embeddings={max_pos}")
+        self.spec = None  # set up by eyas.spec when a draft is configured
+        lookahead = config.spec.num_draft_tokens + 1 if config.spec.enabled else 0
+        layouts = [KVLayout(self.model.num_kv_heads, self.model.head_dim, self.model.num_layers)]
+        memory = config.kv_cache_memory
+        if memory == "auto":
+            memory = 0.8 if self.device.type == "cuda" else min(2 * 2**30, 0.25 * _avail(self.device))
+        if config.num_kv_blocks is not None:
+            memory = config.num_kv_blocks * sum(l.bytes_per_block(config.block_size, self.dtype) for l in layouts)
+        self.num_blocks = num_blocks_for(memory, layouts, config.block_size, self.dtype, self.device,
+                                         self.max_model_len, lookahead)
+        self.allocator = BlockAllocator(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_caches = allocate_kv(layouts[0], self.num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, config.enable_chunked_prefill)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+                 folder, self.device, self.dtype, self.num_blocks, config.block_size, self.max_model_len)
+
+    # ------------------------------------------------------------------ inputs
+    def encode_prompt(self, prompt: Optional[str] = None, messages: Optional[list] = None,
+                      prompt_token_ids: Optional[list[int]] = None, chat: bool = False) -> list[int]:
+        given = [x is not None for x in (prompt, messages, prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("prompt", "give exactly one of prompt, messages or prompt_token_ids")
+        if messages is not None:
+            ids = self.apply_chat_template(messages)
+        elif prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise InvalidRequestError("prompt", "must be a non-empty string")
+            if chat:
+                ids = self.apply_chat_template([{"role": "user", "content": prompt}])
+            else:
+                ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt_token_ids]
+            vocab = self.model.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError("prompt_token_ids", f"ids out of range [0, {vocab}): {bad[:5]}")
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(ids)} tokens does not fit max_model_len={self.max_model_len} "
+                          "(at least one token must be left to generate)")
+        return ids
+
+    def apply_chat_template(self, messages: list) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages", "must be a non-empty list of {role, content}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or \
+                    not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{i}]", "must be {role: str, content: str}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages", "this model's tokenizer has no chat template")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    def add_request(self, request_id: Optional[str] = None, prompt: Optional[str] = None,
+                    params: Optional[SamplingParams] = None, *, messages: Optional[list] = None,
+                    prompt_token_ids: Optional[list[int]] = None, chat: bool = False) -> str:
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt, messages, prompt_token_ids, chat)
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        seq = Sequence(request_id, ids, params, self.eos_token_ids)
+        self.requests[request_id] = Request(seq, IncrementalDetokenizer(self.tokenizer, ids, stop=params.stop),
+                                            time.perf_counter())
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        self.scheduler.abort(req.seq)
+        req.seq.status = SeqStatus.FINISHED
+        req.seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the outputs of the requests that progressed."""
+        if self.spec is not None:
+            return self.spec.step()
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        spans = [SeqSpan(it.seq.token_ids[it.seq.num_computed_tokens:it.seq.num_computed_tokens + it.num_new_tokens],
+                         it.seq.num_computed_tokens, it.seq.block_table) for it in plan.items]
+        result = self.runner.forward(spans)
+        sampled = [i for i, it in enumerate(plan.items) if it.sample]
+        new_tokens: dict[int, list[int]] = {}
+        logprobs: dict[int, Optional[dict]] = {}
+        if sampled:
+            rows = result.inputs.last_index[sampled]
+            logits = self.runner.logits(result.hidden, rows)  # [S, V]
+            seqs = [plan.items[i].seq for i in sampled]
+            out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            for j, i in enumerate(sampled):
+                new_tokens[i] = [int(out.token_ids[j])]
+                logprobs[i] = out.logprobs[j] if out.logprobs else None
+        self.num_steps += 1
+        outputs = []
+        for i, it in enumerate(plan.items):
+            it.seq.num_computed_tokens += it.num_new_tokens
+            if i in new_tokens:
+                it.seq.target_steps += 1
+                outputs.append(self.append_tokens(it.seq, new_tokens[i], [logprobs[i]]))
+            if not it.seq.is_finished:
+                self.allocator.commit(it.seq)
+        return outputs
+
+    def append_tokens(self, seq: Sequence, tokens: list[int], logprobs=None) -> RequestOutput:
+        """Append accepted tokens one by one, stopping at the first finish condition."""
+        req = self.requests[seq.request_id]
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        p = seq.params
+        added: list[int] = []
+        delta = ""
+        for k, tok in enumerate(tokens):
+            seq.token_ids.append(tok)
+            added.append(tok)
+            if logprobs and k < len(logprobs) and logprobs[k] is not None:
+                seq.logprobs.append(logprobs[k])
+            reason = None
+            if tok in p.stop_token_ids or (not p.ignore_eos and tok in seq.eos_token_ids):
+                reason = "stop"
+            piece, stopped = req.detok.push([tok])
+            delta += piece
+            if stopped:
+                reason = "stop"
+            if reason is None and (seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len):
+                reason = "length"
+            if reason is not None:
+                if not stopped:
+                    delta += req.detok.flush()
+                self._finish(seq, reason)
+                break
+        return self._output(req, added, delta)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = SeqStatus.FINISHED
+        self.scheduler.finish(seq)
+
+    def _output(self, req: Request, added: list[int], delta: str) -> RequestOutput:
+        seq = req.seq
+        out = RequestOutput(
+            id=seq.request_id, text=req.detok.text, token_ids=seq.output_token_ids,
+            finished=seq.is_finished, finish_reason=seq.finish_reason,
+            prompt_tokens=seq.num_prompt_tokens, text_delta=delta, token_ids_delta=added,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            spec=self._spec_stats(seq))
+        if seq.is_finished:
+            self.requests.pop(seq.request_id, None)
+        return out
+
+    def _spec_stats(self, seq: Sequence) -> Optional[SpecStats]:
+        if not self.config.spec.enabled:
+            return None
+        steps = max(seq.target_steps, 1)
+        return SpecStats(seq.spec_drafted, seq.spec_accepted, seq.target_steps, seq.num_output_tokens / steps)
+
+
+def _avail(device: torch.device) -> int:
+    from eyas.kv.cache import available_memory
+
+    return available_memory(device)

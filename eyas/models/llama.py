@@ -1,0 +1,241 @@
+"""Llama-family decoder: Llama 2/3, Mistral, Qwen2 (qkv bias), Qwen3 (per-head q/k norm).
+
+Parameter names follow HF (`model.layers.N.self_attn.qkv_proj.weight`, ...), except that
+q/k/v and gate/up are fused; `packed_modules_mapping` routes checkpoint names onto them.
+Tokens are flat: [T] ids over all sequences of a step, attention is paged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from eyas.errors import ConfigError
+from eyas.layers.activation import SiluAndMul
+from eyas.layers.attention import AttentionBatch, paged_attention
+from eyas.layers.linear import (LMHead, MergedColumnLinear, QKVLinear, RowLinear,
+                                VocabEmbedding, default_weight_loader)
+from eyas.layers.norm import RMSNorm
+from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [num_blocks, block_size, Hkv, D]
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    """What differs between family members, read once from the HF config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position: int
+    rope_theta: float
+    rope_scaling: RopeScaling
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over each q/k head before rope
+    tie_word_embeddings: bool
+    sliding_window: Optional[int]  # attention is full: exact only up to this many tokens
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "LlamaArch":
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported (only 'silu')")
+        model_type = getattr(config, "model_type", "llama")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        num_heads = config.num_attention_heads
+        theta, scaling = rope_from_hf_config(config)
+        window = getattr(config, "sliding_window", None)
+        if model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+            window = None
+        return cls(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position=config.max_position_embeddings,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            sliding_window=window,
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.scale = arch.head_dim ** -0.5
+        self.qk_size = (arch.num_heads + arch.num_kv_heads) * arch.head_dim
+        self.qkv_proj = QKVLinear(arch.hidden_size, arch.head_dim, arch.num_heads,
+                                  arch.num_kv_heads, bias=arch.qkv_bias, dtype=dtype)
+        self.o_proj = RowLinear(arch.num_heads * arch.head_dim, arch.hidden_size,
+                                bias=arch.o_bias, dtype=dtype)
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
+        num_tokens, heads, dim = x.shape[0], self.num_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        qk = qkv[:, :self.qk_size].view(num_tokens, -1, dim)  # [T, Hq + Hkv, D] (view)
+        v = qkv[:, self.qk_size:].view(num_tokens, -1, dim)  # [T, Hkv, D] (view)
+        if self.qk_norm:
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        qk = apply_rotary(qk, cos, sin)  # q and k heads rotated in one go
+        q, k = qk[:, :heads], qk[:, heads:]  # [T, Hq, D], [T, Hkv, D]
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], attn, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(num_tokens, heads * dim))  # [T, H]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+        super().__init__()
+        inter = arch.intermediate_size
+        self.gate_up_proj = MergedColumnLinear(arch.hidden_size, [inter, inter],
+                                               bias=arch.mlp_bias, dtype=dtype)
+        self.act = SiluAndMul()
+        self.down_proj = RowLinear(inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # via [T, 2I] -> [T, I]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, dtype)
+        self.mlp = LlamaMLP(arch, dtype)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:  # [T, H] -> [T, H]
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, dtype) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint module name -> (our fused module name, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: Any, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        arch = LlamaArch.from_hf_config(config)
+        self.arch, self.dtype = arch, dtype
+        self.num_layers, self.num_kv_heads = arch.num_layers, arch.num_kv_heads
+        self.head_dim, self.hidden_size = arch.head_dim, arch.hidden_size
+        self.vocab_size = arch.vocab_size
+        self.sliding_window = arch.sliding_window
+        self.model = LlamaModel(arch, dtype)
+        self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.max_position, arch.rope_theta,
+                                          arch.rope_scaling, dtype)
+        self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, dtype)
+        if arch.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
+                kv_caches: list[KVCache], aux_layer_ids: tuple[int, ...] = (),
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """ids/positions [T] -> (final-normed hidden [T, H], aux hidden states).
+
+        Aux layer id i is the residual stream entering layer i (HF hidden_states[i]); the
+        list follows the order of aux_layer_ids.
+        """
+        for i in aux_layer_ids:
+            if not 0 <= i < self.num_layers:
+                raise ConfigError(f"aux layer id {i} out of range [0, {self.num_layers})")
+        cos, sin = self.rotary_emb(positions)  # [T, 1, D] each, shared by all layers
+        h = self.embed(input_ids)  # [T, H]
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in aux_layer_ids:
+                captured[i] = h  # layers never write h in place
+            h = layer(h, cos, sin, attn, kv_caches[i])
+        return self.model.norm(h), [captured[i] for i in aux_layer_ids]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V] fp32
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into our (fused) parameters."""
+        params = dict(self.named_parameters())  # tied lm_head shows up once, as embed_tokens
+        loaded: set[tuple[str, object]] = set()
+        unexpected: list[str] = []
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            target, shard = name, None
+            for ckpt_name, (fused_name, shard_id) in self.packed_modules_mapping.items():
+                if f".{ckpt_name}." in name:
+                    target = name.replace(f".{ckpt_name}.", f".{fused_name}.")
+                    shard = shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                unexpected.append(name)
+                continue
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                loader(param, tensor, shard)
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {e}") from e
+            loaded.add((target, shard))
+        if unexpected:
+            raise ConfigError(f"checkpoint has weights this model does not know: "
+                              f"{', '.join(unexpected[:20])}")
+        missing = [f"{name}[{shard}]" if shard is not None else name
+                   for name, shard in self._expected_shards(params) if (name, shard) not in loaded]
+        if missing:
+            raise ConfigError(f"checkpoint is missing {len(missing)} parameter(s): "
+                              f"{', '.join(missing[:20])}")
+
+    def _expected_shards(self, params: dict[str, nn.Parameter]) -> list[tuple[str, object]]:
+        fused: dict[str, list[object]] = {}
+        for fused_name, shard_id in self.packed_modules_mapping.values():
+            fused.setdefault(fused_name, []).append(shard_id)
+        expected = []
+        for name in params:
+            module = name.split(".")[-2]
+            expected += [(name, s) for s in fused[module]] if module in fused else [(name, None)]
+        return expected
