@@ -69,8 +69,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(folder)
         self.eos_token_ids = tuple(eos_token_ids(folder))
         self.model = load_model(folder, dtype=self.dtype, device=self.device)
-        self.hf_config = self.model.config
-        max_pos = getattr(self.hf_config, "max_position_embeddings", 4096) or 4096
+        max_pos = self.model.arch.max_position
         self.max_model_len = config.max_model_len or min(max_pos, 4096)
         if self.max_model_len > max_pos:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's "

@@ -302,7 +302,12 @@ def pull(name: str, force: bool = False, progress: Callable[[str], object] = pri
             if dest.exists():
                 old = dest.parent / f".{model.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 os.replace(dest, old)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if old is not None:
+                    os.replace(old, dest)  # put the previous folder back
+                raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:

@@ -17,3 +17,25 @@ def smollm2_path() -> Path:
     from eyas.hub import pull
 
     return pull("smollm2-135m-instruct", progress=lambda msg: print(f"[eyas pull] {msg}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory, smollm2_path) -> Path:
+    """A 4-layer random Llama (hidden 64) with SmolLM2's tokenizer and vocabulary."""
+    from util_engine import make_tiny_llama_folder
+
+    return make_tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(tiny_llama_path):
+    """factory(**EngineConfig overrides) -> a fresh eager CPU LLMEngine on the tiny model."""
+    from eyas.config import EngineConfig
+    from eyas.engine import LLMEngine
+
+    def make(**overrides):
+        cfg = EngineConfig(model=str(tiny_llama_path), block_size=4, kv_cache_memory="64MiB",
+                           max_model_len=256).replace(**overrides)
+        return LLMEngine(cfg)
+
+    return make
