@@ -74,9 +74,19 @@ class LLMEngine:
         if self.max_model_len > max_pos:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's "
                               f"max_position_embeddings={max_pos}")
-        self.spec = None  # set up by eyas.spec when a draft is configured
+        self.spec = None  # a SpecDecoder when a draft is configured
+        self.drafter = None
         lookahead = config.spec.num_draft_tokens + 1 if config.spec.enabled else 0
         layouts = [KVLayout(self.model.num_kv_heads, self.model.head_dim, self.model.num_layers)]
+        if config.spec.enabled:
+            from eyas.models.eagle3 import load_drafter
+
+            if config.spec.topk > 1:
+                raise ConfigError("spec_topk > 1 (tree drafting) is not available yet; use chains (topk 1)")
+
+            self.draft_path = resolve_model(config.spec.draft)
+            self.drafter = load_drafter(self.draft_path, self.model, dtype=self.dtype, device=self.device)
+            layouts.append(KVLayout(self.drafter.num_kv_heads, self.drafter.head_dim, 1))
         memory = config.kv_cache_memory
         if memory == "auto":
             memory = 0.8 if self.device.type == "cuda" else min(2 * 2**30, 0.25 * _avail(self.device))
@@ -87,6 +97,14 @@ class LLMEngine:
         self.allocator = BlockAllocator(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_caches = allocate_kv(layouts[0], self.num_blocks, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device)
+        if self.drafter is not None:
+            from eyas.spec.decoder import SpecDecoder
+            from eyas.spec.proposer import Eagle3Proposer
+
+            draft_kv = allocate_kv(layouts[1], self.num_blocks, config.block_size, self.dtype, self.device)[0]
+            self.runner.aux_layer_ids = self.drafter.aux_layers_for(self.model.num_layers)
+            proposer = Eagle3Proposer(self.drafter, self.model, draft_kv, config.block_size, self.device)
+            self.spec = SpecDecoder(self, proposer, config.spec.steps, fuse_features=self.drafter.fuse_aux)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         self.requests: dict[str, Request] = {}
@@ -157,6 +175,8 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.abort(req.seq)
+        if self.spec is not None:
+            self.spec.proposer.drop(req.seq)
         req.seq.status = SeqStatus.FINISHED
         req.seq.finish_reason = "abort"
         return True
@@ -244,7 +264,7 @@ class LLMEngine:
         return out
 
     def _spec_stats(self, seq: Sequence) -> Optional[SpecStats]:
-        if not self.config.spec.enabled:
+        if self.spec is None:
             return None
         steps = max(seq.target_steps, 1)
         return SpecStats(seq.spec_drafted, seq.spec_accepted, seq.target_steps, seq.num_output_tokens / steps)

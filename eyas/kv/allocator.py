@@ -11,7 +11,7 @@ the same prefix, or a preempted request being recomputed, reuses it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, Optional
 
 from eyas.core import Sequence
 
@@ -107,12 +107,17 @@ class BlockAllocator:
         seq.block_table.extend(self._take_free_block() for _ in range(need))
         return True
 
-    def commit(self, seq: Sequence) -> None:
-        """Register the hashes of full blocks whose KV is computed (call after each step)."""
+    def commit(self, seq: Sequence, limit: Optional[int] = None) -> None:
+        """Register the hashes of full blocks whose KV is computed (call after each step).
+
+        `limit`: only positions below it count as computed in every cache (with speculation,
+        the drafter's KV lags the target's by the tokens it has not yet extended over).
+        """
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
+        computed = seq.num_computed_tokens if limit is None else min(limit, seq.num_computed_tokens)
+        full = min(computed, len(seq.token_ids)) // bs
         for i in range(seq.num_hashed_blocks, full):
             prev = seq.block_hashes[i - 1] if i else None
             h = hash((prev, tuple(seq.token_ids[i * bs:(i + 1) * bs])))

@@ -1,0 +1,110 @@
+"""One speculative engine step: schedule -> draft -> one target pass -> accept -> roll back.
+
+Shapes for a step with S decoding sequences drafting K tokens each, plus prefill chunks:
+  target input  T = sum(prefill chunk lengths) + S * (1 + K) flat tokens
+  aux features  3 x [T, H] -> fc -> [T, H]     (kept for the drafter's next extend)
+  verify logits [S, K+1, V]: row j scores the token after (last, d_1..d_j)
+The scheduler reserved 1 + K slots per decoding sequence; after accepting a of the K drafts,
+the sequence keeps num_computed + 1 + a tokens of KV and `truncate` returns emptied blocks.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from eyas.core import RequestOutput
+from eyas.layers.sampler import sample
+from eyas.spec.proposer import Draft, Proposer
+from eyas.spec.verify import accept_chain
+from eyas.workers.input_batch import SeqSpan
+
+if TYPE_CHECKING:
+    from eyas.engine import LLMEngine
+
+
+class SpecDecoder:
+    def __init__(self, engine: "LLMEngine", proposer: Proposer, num_steps: int,
+                 fuse_features=None):
+        self.engine = engine
+        self.proposer = proposer
+        self.num_steps = num_steps
+        self.fuse_features = fuse_features  # aux list -> [T, H], or None (proposer needs none)
+
+    def step(self) -> list[RequestOutput]:
+        eng = self.engine
+        plan = eng.scheduler.schedule(lookahead=self.num_steps)
+        for seq in plan.preempted:
+            self.proposer.drop(seq)
+        if not plan:
+            return []
+        items = plan.items
+        spec_idx = [i for i, it in enumerate(items) if it.num_draft_tokens > 0]
+        drafts: dict[int, Draft] = {}
+        if spec_idx:
+            proposed = self.proposer.propose([items[i].seq for i in spec_idx],
+                                             [items[i].num_draft_tokens for i in spec_idx])
+            drafts = dict(zip(spec_idx, proposed))
+
+        spans = []
+        for i, it in enumerate(items):
+            seq, c = it.seq, it.seq.num_computed_tokens
+            tokens = seq.token_ids[c:c + it.num_new_tokens] + (drafts[i].tokens if i in drafts else [])
+            spans.append(SeqSpan(tokens, c, seq.block_table))
+        result = eng.runner.forward(spans)
+        features = self.fuse_features(result.aux) if self.fuse_features else None  # [T, H]
+        starts = result.inputs.query_start
+
+        # Target logits: the last row of plain items, rows start..start+K of drafted items.
+        rows, row_of = [], {}
+        for i, it in enumerate(items):
+            if not it.sample:
+                continue
+            k = len(drafts[i].tokens) if i in drafts else 0
+            row_of[i] = (len(rows), k)
+            rows.extend(range(starts[i + 1] - 1 - k, starts[i + 1]))
+        logits = eng.runner.logits(result.hidden, torch.as_tensor(rows, device=eng.device)) if rows else None
+
+        plain = [i for i in row_of if i not in drafts]
+        plain_tokens = {}
+        if plain:
+            seqs = [items[i].seq for i in plain]
+            sel = torch.as_tensor([row_of[i][0] for i in plain], device=eng.device)
+            out = sample(logits.index_select(0, sel), [s.params for s in seqs], [s.generator for s in seqs])
+            for j, i in enumerate(plain):
+                plain_tokens[i] = ([int(out.token_ids[j])], [out.logprobs[j]] if out.logprobs else None)
+
+        eng.num_steps += 1
+        outputs = []
+        for i, it in enumerate(items):
+            seq, c = it.seq, it.seq.num_computed_tokens
+            if i in drafts:
+                first, k = row_of[i]
+                accepted = accept_chain(logits[first:first + k + 1], drafts[i].tokens, drafts[i].q,
+                                        seq.params, seq.generator)
+                a = len(accepted) - 1  # drafts accepted; the last token is the correction/bonus
+                seq.spec_drafted += k
+                new_tokens, lps = accepted, None
+                n_valid = it.num_new_tokens + a
+            else:
+                new_tokens, lps = plain_tokens.get(i, (None, None))
+                n_valid = it.num_new_tokens
+            seq.num_computed_tokens = c + n_valid
+            if features is not None:
+                self.proposer.observe(seq, c, features[starts[i]:starts[i] + n_valid])
+            else:
+                self.proposer.observe(seq, c, None)
+            if new_tokens is not None:
+                seq.target_steps += 1
+                out = eng.append_tokens(seq, new_tokens, lps)
+                if i in drafts:  # count only drafts that made it into the output
+                    seq.spec_accepted += min(a, len(out.token_ids_delta))
+                    if out.spec is not None:
+                        out.spec = eng._spec_stats(seq)
+                outputs.append(out)
+            if seq.is_finished:
+                self.proposer.drop(seq)
+                continue
+            eng.allocator.truncate(seq, len(seq))
+            eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq))
+        return outputs

@@ -1,0 +1,165 @@
+"""Draft proposers. `Eagle3Proposer` runs the EAGLE-3 head on its own KV cache layer, which
+shares block ids and block size with the target (one allocator, one block table per sequence).
+
+Per sequence the proposer keeps `DraftState`:
+  dstart  - the drafter's KV is valid (computed from target features) for positions < dstart;
+  pending - fused target features [m, H] for positions [dstart, dstart + m).
+Invariant: dstart + m == seq.num_computed_tokens (the target's computed length).
+
+Drafter position p takes (feature of target position p, embedding of token p+1) and predicts
+token p+2. One round for a sequence of length L (token L-1 has no KV yet):
+  extend  positions [dstart, L-1) with pending features and tokens[dstart+1 : L] -> d_1
+  step j  position L-2+j with the drafter's own previous output and d_{j-1}     -> d_j
+Draft steps write speculative KV at positions >= L-1; the next extend overwrites it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from eyas.core import Sequence
+from eyas.layers.sampler import processed_probs, sample_from_probs
+from eyas.workers.input_batch import SeqSpan, build_forward_inputs
+
+
+@dataclass
+class Draft:
+    tokens: list[int]  # target-vocab ids d_1..d_K
+    q: Optional[torch.Tensor] = None  # [K, V] drafter probs over target ids (sampled rows only)
+
+
+@dataclass
+class DraftState:
+    dstart: int
+    pending: list[torch.Tensor] = field(default_factory=list)  # chunks of [m_i, H]
+
+    @property
+    def num_pending(self) -> int:
+        return sum(t.shape[0] for t in self.pending)
+
+
+class Proposer:
+    """Interface: observe target features after each step; propose drafts before verify."""
+
+    def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor]) -> None:
+        """The target computed positions [start, start + n) of seq; features [n, H] or None."""
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
+        raise NotImplementedError
+
+    def valid_prefix(self, seq: Sequence) -> int:
+        """Positions whose drafter KV is final (blocks before it may enter the prefix cache)."""
+        return seq.num_computed_tokens
+
+    def drop(self, seq: Sequence) -> None:
+        pass
+
+
+class Eagle3Proposer(Proposer):
+    def __init__(self, drafter, target, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int,
+                 device: torch.device):
+        self.drafter = drafter
+        self.target = target
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+        self.states: dict[str, DraftState] = {}
+        d2t = drafter.map_to_target(torch.arange(drafter.draft_vocab_size, device=drafter.d2t.device))
+        self.draft_to_target = d2t.to(device)  # [Vd] target id of each draft id
+
+    # ------------------------------------------------------------ bookkeeping
+    def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor]) -> None:
+        st = self.states.get(seq.request_id)
+        if st is None or st.dstart + st.num_pending != start:
+            st = self.states[seq.request_id] = DraftState(dstart=start)  # new, or recomputed
+        if features is not None and features.shape[0]:
+            st.pending.append(features)
+
+    def valid_prefix(self, seq: Sequence) -> int:
+        st = self.states.get(seq.request_id)
+        return st.dstart if st is not None else 0
+
+    def drop(self, seq: Sequence) -> None:
+        self.states.pop(seq.request_id, None)
+
+    # -------------------------------------------------------------- drafting
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list]:
+        """logits [S, Vd] -> (target ids [S], per-row q over target vocab or None)."""
+        greedy = [s.params.greedy for s in seqs]
+        draft_ids = logits.argmax(dim=-1)  # [S]
+        qs: list = [None] * len(seqs)
+        sampled = [i for i, g in enumerate(greedy) if not g]
+        if sampled:
+            probs = processed_probs(logits[sampled], [seqs[i].params for i in sampled])  # [s, Vd]
+            picks = sample_from_probs(probs, [seqs[i].generator for i in sampled])
+            for row, i in enumerate(sampled):
+                draft_ids[i] = picks[row]
+                q = torch.zeros(self.target.vocab_size, dtype=torch.float32, device=logits.device)
+                qs[i] = q.index_copy_(0, self.draft_to_target, probs[row])
+        return self.draft_to_target[draft_ids], qs
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
+        """Draft num_tokens[i] tokens for each sequence (all sequences are decoding)."""
+        drafter, bs = self.drafter, self.block_size
+        spans, feats = [], []
+        for seq in seqs:
+            st = self.states[seq.request_id]
+            length = len(seq)
+            spans.append(SeqSpan(seq.token_ids[st.dstart + 1:length], st.dstart, seq.block_table))
+            feats.extend(st.pending)
+        inputs = build_forward_inputs(spans, bs, self.device)
+        hidden = torch.cat(feats)  # [T, H]
+        out = drafter(self.target.embed(inputs.input_ids), hidden, inputs.positions, inputs.attn,
+                      self.kv_cache)
+        for seq in seqs:  # drafter KV now holds every computed position
+            st = self.states[seq.request_id]
+            st.dstart, st.pending = seq.num_computed_tokens, []
+        last = out[inputs.last_index]  # [S, H]
+        tokens, qs = self._pick(drafter.compute_logits(last), seqs)
+        drafts = [Draft([int(t)], [q] if q is not None else None) for t, q in zip(tokens.tolist(), qs)]
+        active = list(range(len(seqs)))
+        for j in range(1, max(num_tokens)):
+            keep = [k for k, i in enumerate(active) if num_tokens[i] > j]
+            active = [active[k] for k in keep]
+            if not active:
+                break
+            last, tokens = last[keep], tokens[keep]
+            spans = [SeqSpan([0], len(seqs[i]) - 2 + j, seqs[i].block_table) for i in active]
+            inputs = build_forward_inputs(spans, bs, self.device)
+            out = drafter(self.target.embed(tokens), last, inputs.positions, inputs.attn, self.kv_cache)
+            last = out  # [s, H]
+            tokens, qs = self._pick(drafter.compute_logits(out), [seqs[i] for i in active])
+            for i, t, q in zip(active, tokens.tolist(), qs):
+                drafts[i].tokens.append(int(t))
+                if q is not None:
+                    drafts[i].q.append(q)
+        for d in drafts:
+            if d.q is not None:
+                d.q = torch.stack(d.q)  # [K, V]
+        return drafts
+
+
+class ReplayProposer(Proposer):
+    """Test proposer: drafts from a fixed continuation per request id (e.g. the target's own
+    greedy output, for full acceptance), or `wrong` tokens to force rejections."""
+
+    def __init__(self, continuations: dict[str, list[int]], vocab_size: int):
+        self.continuations = continuations
+        self.vocab_size = vocab_size
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
+        drafts = []
+        for seq, k in zip(seqs, num_tokens):
+            cont = self.continuations.get(seq.request_id, [])
+            done = seq.num_output_tokens
+            toks = list(cont[done:done + k])
+            toks += [(7 * (done + i) + 3) % self.vocab_size for i in range(k - len(toks))]
+            q = None
+            if not seq.params.greedy:  # a point-mass drafter: q = one-hot on the draft
+                q = torch.zeros(k, self.vocab_size)
+                q[torch.arange(k), torch.tensor(toks)] = 1.0
+            drafts.append(Draft(toks, q))
+        return drafts
