@@ -56,6 +56,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     eager: Optional[bool] = None  # None: compile on GPU, eager on CPU
     num_threads: Optional[int] = None  # CPU intra-op threads (None: torch default)
+    transposed_weights: Optional[bool] = None  # extra [in, out] weight copy for batch-1 CPU decode (None: on for CPU)
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
 

@@ -16,6 +16,7 @@ from eyas.errors import ConfigError, InvalidRequestError
 from eyas.hub import eos_token_ids, load_tokenizer, resolve_model
 from eyas.kv.allocator import BlockAllocator
 from eyas.kv.cache import KVLayout, allocate_kv, num_blocks_for
+from eyas.layers.linear import add_transposed_weights
 from eyas.layers.sampler import sample
 from eyas.models.loader import load_model
 from eyas.scheduler import Scheduler
@@ -69,6 +70,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(folder)
         self.eos_token_ids = tuple(eos_token_ids(folder))
         self.model = load_model(folder, dtype=self.dtype, device=self.device)
+        use_t = config.transposed_weights
+        if use_t if use_t is not None else self.device.type == "cpu":
+            add_transposed_weights(self.model)
         max_pos = self.model.arch.max_position
         self.max_model_len = config.max_model_len or min(max_pos, 4096)
         if self.max_model_len > max_pos:
