@@ -1,6 +1,4 @@
 """Incremental detokenization and stop strings, on tiny tokenizers built in-test."""
-import glob
-import os
 import random
 
 import pytest
@@ -213,17 +211,9 @@ def test_consumed_counts_ids_up_to_the_stop(byte_bpe):
     assert plain.consumed == len(ids)
 
 
-def _shipped_tokenizer_dir():
-    home = os.environ.get("EYAS_HOME", os.path.expanduser("~/.cache/eyas"))
-    found = sorted(glob.glob(os.path.join(home, "**", "*smollm2*", "tokenizer.json"), recursive=True)
-                   + glob.glob(os.path.join(home, "*smollm2*", "tokenizer.json")))
-    return os.path.dirname(found[0]) if found else None
-
-
-@pytest.mark.skipif(_shipped_tokenizer_dir() is None, reason="no pulled SmolLM2 tokenizer")
-def test_shipped_tokenizer():
+def test_shipped_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(_shipped_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
     prompt = tok.encode("Say something:")
     for text in TEXTS:
         ids = tok.encode(text)
