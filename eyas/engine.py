@@ -78,6 +78,11 @@ class LLMEngine:
         if self.max_model_len > max_pos:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's "
                               f"max_position_embeddings={max_pos}")
+        window = getattr(self.model, "sliding_window", None)
+        if window and self.max_model_len > window:
+            log.warning("attention is full, so results match the model only within its sliding "
+                        "window: capping max_model_len %d -> %d", self.max_model_len, window)
+            self.max_model_len = window
         self.spec = None  # a SpecDecoder when a draft is configured
         self.drafter = None
         lookahead = config.spec.num_draft_tokens + 1 if config.spec.enabled else 0
@@ -85,8 +90,6 @@ class LLMEngine:
         if config.spec.enabled:
             from eyas.models.eagle3 import load_drafter
 
-            if config.spec.topk > 1:
-                raise ConfigError("spec_topk > 1 (tree drafting) is not available yet; use chains (topk 1)")
 
             self.draft_path = resolve_model(config.spec.draft)
             self.drafter = load_drafter(self.draft_path, self.model, dtype=self.dtype, device=self.device)
@@ -105,10 +108,17 @@ class LLMEngine:
             from eyas.spec.decoder import SpecDecoder
             from eyas.spec.proposer import Eagle3Proposer
 
-            draft_kv = allocate_kv(layouts[1], self.num_blocks, config.block_size, self.dtype, self.device)[0]
+            spec = config.spec
+            # Trees keep (steps-1)*topk drafter K/V rows per sequence in flight: scratch blocks past
+            # the allocator's, never handed out (see spec/tree.py).
+            scratch = config.max_num_seqs * (spec.steps - 1) * spec.topk if spec.topk > 1 else 0
+            scratch_blocks = -(-scratch // config.block_size)
+            draft_kv = allocate_kv(layouts[1], self.num_blocks + scratch_blocks, config.block_size,
+                                   self.dtype, self.device)[0]
             self.runner.aux_layer_ids = self.drafter.aux_layers_for(self.model.num_layers)
-            proposer = Eagle3Proposer(self.drafter, self.model, draft_kv, config.block_size, self.device)
-            self.spec = SpecDecoder(self, proposer, config.spec.steps, fuse_features=self.drafter.fuse_aux)
+            proposer = Eagle3Proposer(self.drafter, self.model, draft_kv, config.block_size, self.device,
+                                      steps=spec.steps, topk=spec.topk, num_paged_blocks=self.num_blocks)
+            self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         self.requests: dict[str, Request] = {}

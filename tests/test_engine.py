@@ -136,3 +136,19 @@ def test_bad_sampling_params(bad, field):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**bad)
     assert e.value.field == field
+
+
+def test_logprobs_returned_and_consistent(tiny_engine_factory, reference):
+    engine = tiny_engine_factory()
+    engine.add_request("lp", PROMPTS[0], SamplingParams(max_tokens=4, ignore_eos=True, logprobs=2))
+    final = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            final = o
+    assert final.token_ids == reference["0"][:4]
+    assert len(final.logprobs) == 4
+    for tok, lp in zip(final.token_ids, final.logprobs):
+        assert lp["token_id"] == tok and lp["logprob"] <= 0.0
+        assert len(lp["top"]) == 2
+        assert lp["top"][0][0] == tok  # greedy: the sampled token is the most likely
+        assert lp["top"][0][1] == pytest.approx(lp["logprob"])

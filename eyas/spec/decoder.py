@@ -6,6 +6,11 @@ Shapes for a step with S decoding sequences drafting K tokens each, plus prefill
   verify logits [S, K+1, V]: row j scores the token after (last, d_1..d_j)
 The scheduler reserved 1 + K slots per decoding sequence; after accepting a of the K drafts,
 the sequence keeps num_computed + 1 + a tokens of KV and `truncate` returns emptied blocks.
+
+Trees (topk > 1, K = n <= draft_tokens nodes): the target sees [x_last, node_1..node_n] with the
+tree's ancestor mask (positions L-1+depth, KV slots L-1..L-1+n). After accepting the path
+i_1..i_a (node indices), the target KV of node i_j moves from slot position L+i_j to L-1+j in
+every layer, and the features of rows [root, i_1+1, .., i_a+1] go to the drafter.
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ import torch
 from eyas.core import RequestOutput
 from eyas.layers.sampler import sample
 from eyas.spec.proposer import Draft, Proposer
-from eyas.spec.verify import accept_chain
-from eyas.workers.input_batch import SeqSpan
+from eyas.spec.tree import TreeDraft, move_kv
+from eyas.spec.verify import accept_chain, accept_tree
+from eyas.workers.input_batch import SeqSpan, slots_for
 
 if TYPE_CHECKING:
     from eyas.engine import LLMEngine
@@ -28,7 +34,7 @@ class SpecDecoder:
                  fuse_features=None):
         self.engine = engine
         self.proposer = proposer
-        self.num_steps = num_steps
+        self.num_steps = num_steps  # draft tokens verified per sequence (the scheduler's lookahead)
         self.fuse_features = fuse_features  # aux list -> [T, H], or None (proposer needs none)
 
     def step(self) -> list[RequestOutput]:
@@ -50,7 +56,8 @@ class SpecDecoder:
         for i, it in enumerate(items):
             seq, c = it.seq, it.seq.num_computed_tokens
             tokens = seq.token_ids[c:c + it.num_new_tokens] + (drafts[i].tokens if i in drafts else [])
-            spans.append(SeqSpan(tokens, c, seq.block_table))
+            tree = drafts[i].mask if isinstance(drafts.get(i), TreeDraft) else None  # [n+1, n+1]
+            spans.append(SeqSpan(tokens, c, seq.block_table, tree_mask=tree))
         result = eng.runner.forward(spans)
         features = self.fuse_features(result.aux) if self.fuse_features else None  # [T, H]
         starts = result.inputs.query_start
@@ -74,23 +81,45 @@ class SpecDecoder:
             for j, i in enumerate(plain):
                 plain_tokens[i] = ([int(out.token_ids[j])], [out.logprobs[j]] if out.logprobs else None)
 
+        # Accept drafts. Tree paths: move the accepted nodes' target KV to contiguous slots.
+        accepted, paths, src, dst = {}, {}, [], []
+        for i in drafts:
+            first, k = row_of[i]
+            seq = items[i].seq
+            if isinstance(drafts[i], TreeDraft):
+                path, accepted[i] = accept_tree(logits[first:first + k + 1], drafts[i], seq.params,
+                                                seq.generator)
+                root = seq.num_computed_tokens + items[i].num_new_tokens - 1  # position of x_last
+                slots = slots_for(seq.block_table, root + 1, root + 1 + k, eng.allocator.block_size)
+                moved = [j for j, node in enumerate(path) if node != j]
+                src += [slots[path[j]] for j in moved]
+                dst += [slots[j] for j in moved]
+                paths[i] = path
+            else:
+                accepted[i] = accept_chain(logits[first:first + k + 1], drafts[i].tokens, drafts[i].q,
+                                           seq.params, seq.generator)
+        if src:
+            move_kv(eng.kv_caches, torch.stack(src).to(eng.device), torch.stack(dst).to(eng.device))
+
         eng.num_steps += 1
         outputs = []
         for i, it in enumerate(items):
             seq, c = it.seq, it.seq.num_computed_tokens
             if i in drafts:
-                first, k = row_of[i]
-                accepted = accept_chain(logits[first:first + k + 1], drafts[i].tokens, drafts[i].q,
-                                        seq.params, seq.generator)
-                a = len(accepted) - 1  # drafts accepted; the last token is the correction/bonus
+                k = len(drafts[i].tokens)
+                a = len(accepted[i]) - 1  # drafts accepted; the last token is the correction/bonus
                 seq.spec_drafted += k
-                new_tokens, lps = accepted, None
+                new_tokens, lps = accepted[i], None
                 n_valid = it.num_new_tokens + a
             else:
                 new_tokens, lps = plain_tokens.get(i, (None, None))
                 n_valid = it.num_new_tokens
             seq.num_computed_tokens = c + n_valid
-            if features is not None:
+            if features is not None and i in paths:  # rows of the real tokens + accepted nodes
+                rows = list(range(starts[i], starts[i] + it.num_new_tokens))
+                rows += [starts[i] + it.num_new_tokens + node for node in paths[i]]
+                self.proposer.observe(seq, c, features[torch.as_tensor(rows, device=eng.device)])
+            elif features is not None:
                 self.proposer.observe(seq, c, features[starts[i]:starts[i] + n_valid])
             else:
                 self.proposer.observe(seq, c, None)

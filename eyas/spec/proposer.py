@@ -21,7 +21,8 @@ import torch
 
 from eyas.core import Sequence
 from eyas.layers.sampler import processed_probs, sample_from_probs
-from eyas.workers.input_batch import SeqSpan, build_forward_inputs
+from eyas.spec.tree import TreeDraft, TreeSearch
+from eyas.workers.input_batch import SeqSpan, build_forward_inputs, build_scratch_tree_batch, slots_for
 
 
 @dataclass
@@ -59,12 +60,19 @@ class Proposer:
 
 class Eagle3Proposer(Proposer):
     def __init__(self, drafter, target, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int,
-                 device: torch.device):
+                 device: torch.device, steps: int = 1, topk: int = 1,
+                 num_paged_blocks: Optional[int] = None):
+        """topk > 1 drafts trees of depth `steps` (spec/tree.py); their in-flight drafter K/V
+        goes to the scratch rows of kv_cache past `num_paged_blocks` (the allocator's blocks)."""
         self.drafter = drafter
         self.target = target
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
+        self.steps, self.topk = steps, topk
+        paged = kv_cache[0].shape[0] if num_paged_blocks is None else num_paged_blocks
+        self.scratch_start = paged * block_size  # first scratch slot
+        self.scratch_slots = kv_cache[0].shape[0] * block_size - self.scratch_start
         self.states: dict[str, DraftState] = {}
         d2t = drafter.map_to_target(torch.arange(drafter.draft_vocab_size, device=drafter.d2t.device))
         self.draft_to_target = d2t.to(device)  # [Vd] target id of each draft id
@@ -100,24 +108,31 @@ class Eagle3Proposer(Proposer):
                 qs[i] = q.index_copy_(0, self.draft_to_target, probs[row])
         return self.draft_to_target[draft_ids], qs
 
-    @torch.inference_mode()
-    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
-        """Draft num_tokens[i] tokens for each sequence (all sequences are decoding)."""
-        drafter, bs = self.drafter, self.block_size
+    def _extend(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Drafter pass over every sequence's pending positions [dstart, L-1) -> last rows [S, H]."""
         spans, feats = [], []
         for seq in seqs:
             st = self.states[seq.request_id]
             length = len(seq)
             spans.append(SeqSpan(seq.token_ids[st.dstart + 1:length], st.dstart, seq.block_table))
             feats.extend(st.pending)
-        inputs = build_forward_inputs(spans, bs, self.device)
+        inputs = build_forward_inputs(spans, self.block_size, self.device)
         hidden = torch.cat(feats)  # [T, H]
-        out = drafter(self.target.embed(inputs.input_ids), hidden, inputs.positions, inputs.attn,
-                      self.kv_cache)
+        out = self.drafter(self.target.embed(inputs.input_ids), hidden, inputs.positions, inputs.attn,
+                           self.kv_cache)
         for seq in seqs:  # drafter KV now holds every computed position
             st = self.states[seq.request_id]
             st.dstart, st.pending = seq.num_computed_tokens, []
-        last = out[inputs.last_index]  # [S, H]
+        return out[inputs.last_index]  # [S, H]
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list:
+        """Draft num_tokens[i] tokens for each sequence (all sequences are decoding): chains
+        (list[Draft]) when topk == 1, else trees of at most num_tokens[i] nodes (list[TreeDraft])."""
+        if self.topk > 1:
+            return self._propose_tree(seqs, num_tokens)
+        drafter, bs = self.drafter, self.block_size
+        last = self._extend(seqs)  # [S, H]
         tokens, qs = self._pick(drafter.compute_logits(last), seqs)
         drafts = [Draft([int(t)], [q] if q is not None else None) for t, q in zip(tokens.tolist(), qs)]
         active = list(range(len(seqs)))
@@ -140,6 +155,46 @@ class Eagle3Proposer(Proposer):
             if d.q is not None:
                 d.q = torch.stack(d.q)  # [K, V]
         return drafts
+
+    def _propose_tree(self, seqs: list[Sequence], num_tokens: list[int]) -> list[TreeDraft]:
+        """Best-first tree search (spec/tree.py); in-flight node K/V lives in scratch rows."""
+        k, per_seq = self.topk, (self.steps - 1) * self.topk
+        if len(seqs) * per_seq > self.scratch_slots:
+            raise RuntimeError(f"tree drafting for {len(seqs)} sequences needs {len(seqs) * per_seq} "
+                               f"drafter scratch slots, the cache has {self.scratch_slots}")
+        search = TreeSearch(self.steps, k, num_tokens, [s.params for s in seqs],
+                            [s.generator for s in seqs], self.draft_to_target)
+        last = self._extend(seqs)  # [S, H]: the drafter's output at position L-2 per sequence
+        search.expand([(b, -1) for b in range(len(seqs))], self.drafter.compute_logits(last))
+        prefix = [slots_for(s.block_table, 0, len(s) - 1, self.block_size) for s in seqs]  # [L_b - 1]
+        for depth in range(1, self.steps):
+            front = search.frontier(depth)  # [(b, node)] grouped by b, rank order
+            if not front:
+                break
+            by_seq: dict[int, list[int]] = {}
+            for b, i in front:
+                by_seq.setdefault(b, []).append(i)
+            tail_len = depth * k  # scratch rows of depths 1..depth
+            prefixes, tails, masks, writes, positions = [], [], [], [], []
+            for b, idx in by_seq.items():
+                base = self.scratch_start + b * per_seq
+                mask = torch.zeros(len(idx), tail_len, dtype=torch.bool)
+                for r, i in enumerate(idx):
+                    mask[r, search.ancestor_slots(b, i)] = True
+                prefixes.append(prefix[b])
+                tails.append(torch.arange(base, base + tail_len))
+                masks.append(mask)
+                writes.append(torch.tensor([base + search.node(b, i).slot for i in idx]))
+                positions += [len(seqs[b]) - 2 + depth] * len(idx)
+            front = [(b, i) for b, idx in by_seq.items() for i in idx]
+            attn = build_scratch_tree_batch(prefixes, tails, masks, writes, self.device)
+            ids = torch.tensor([search.node(b, i).token for b, i in front], device=self.device)
+            rows = torch.tensor([search.node(b, i).src_row for b, i in front], device=self.device)
+            out = self.drafter(self.target.embed(ids), last.index_select(0, rows),
+                               torch.tensor(positions, device=self.device), attn, self.kv_cache)
+            search.expand(front, self.drafter.compute_logits(out))
+            last = out  # [R, H]: row r is the hidden state of front[r]'s children
+        return search.result()
 
 
 class ReplayProposer(Proposer):

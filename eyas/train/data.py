@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ class RegenOptions:
     dtype: str = "auto"
     max_num_seqs: Optional[int] = None  # None: 64 on CPU, 256 on GPU
     max_model_len: Optional[int] = None  # None: the engine's default
+    kv_cache_memory: Optional[str] = None  # None: the engine's default
+    num_threads: Optional[int] = None
 
 
 def sample_temperature(opts: RegenOptions, sample: int) -> float:
@@ -133,8 +136,9 @@ def regenerate(target: str, specs: list[PromptSpec], val_ids: set[str], out_path
     max_num_seqs = opts.max_num_seqs or (64 if resolve_device(opts.device).type == "cpu" else 256)
     cfg = EngineConfig(model=target, device=opts.device, dtype=opts.dtype, seed=opts.seed,
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, 8 * max_num_seqs))
-    if opts.max_model_len is not None:
-        cfg = cfg.replace(max_model_len=opts.max_model_len)
+    for name in ("max_model_len", "kv_cache_memory", "num_threads"):
+        if getattr(opts, name) is not None:
+            cfg = cfg.replace(**{name: getattr(opts, name)})
     engine = LLMEngine(cfg)
     meta: dict[str, tuple[str, int, list[int]]] = {}
     for n, (spec, k) in enumerate(todo):
@@ -254,6 +258,8 @@ def capture_features(target: str, responses_path: Path, out_dir: Path, opts: Fea
     shards = plan_shards(records, max(1024, opts.shard_bytes // per_token))
     out_dir.mkdir(parents=True, exist_ok=True)
     lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in records]
+    index = {name: [lengths[i] for i in idx] for name, idx in shards}
+    (out_dir / "index.json").write_text(json.dumps(index) + "\n")
     todo = [(name, idx) for name, idx in shards if not (out_dir / name).is_file()]
     total_tokens = sum(lengths[i] for _, idx in todo for i in idx)
     stats = {"shards": len(shards), "sequences": sum(len(i) for _, i in shards),
@@ -337,6 +343,12 @@ def list_shards(feature_dir: Path, split: str) -> list[Path]:
     return sorted(feature_dir.glob(f"{split}-*.pt"))
 
 
+def shard_lengths(feature_dir: Path) -> dict[str, list[int]]:
+    """Sequence lengths per shard file name (written before the shards themselves)."""
+    path = feature_dir / "index.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def load_shard(path: Path) -> list[dict]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -353,3 +365,41 @@ def count_tokens(records: list[dict], vocab_size: int, split: Optional[str] = "t
             counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size].double()
     return counts
 
+
+# ---- training batches ------------------------------------------------------------------------
+def make_batches(lengths: list[int], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Pack indices of similar length so that B * longest <= batch_tokens; shuffled order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches, cur, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if cur and new_longest * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, new_longest = [], lengths[i]
+        cur.append(i)
+        longest = new_longest
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(recs: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad records to [B, n]; topk rows sit at positions prompt_len-1 .. n-2."""
+    bsz, n = len(recs), max(len(r["input_ids"]) for r in recs)
+    k = recs[0]["topk_ids"].shape[1]
+    width = recs[0]["aux"].shape[1]
+    ids = torch.zeros(bsz, n, dtype=torch.long)
+    aux = torch.zeros(bsz, n, width, dtype=torch.float16)
+    resp = torch.zeros(bsz, n, dtype=torch.bool)
+    top_ids = torch.zeros(bsz, n, k, dtype=torch.long)
+    top_lp = torch.zeros(bsz, n, k, dtype=torch.float16)
+    for b, r in enumerate(recs):
+        m, p = len(r["input_ids"]), r["prompt_len"]
+        ids[b, :m] = r["input_ids"].long()
+        aux[b, :m] = r["aux"]
+        resp[b, p:m] = True
+        top_ids[b, p - 1:m - 1] = r["topk_ids"].long()
+        top_lp[b, p - 1:m - 1] = r["topk_logprobs"]
+    return {"ids": ids.to(device), "aux": aux.to(device).float(), "resp": resp.to(device),
+            "topk_ids": top_ids.to(device), "topk_logprobs": top_lp.to(device).float()}

@@ -100,3 +100,44 @@ def build_forward_inputs(spans: Seq[SeqSpan], block_size: int,
         last_index=last_index.to(device),
         query_start=query_start,
     )
+
+
+def build_scratch_tree_batch(prefix_slots: Seq[torch.Tensor], tail_slots: Seq[torch.Tensor],
+                             tail_masks: Seq[torch.Tensor], write_slots: Seq[torch.Tensor],
+                             device: torch.device | str = "cpu") -> AttentionBatch:
+    """Attention for tree draft steps whose K/V live outside the sequence's own slots.
+
+    Per sequence b with n_b query rows (flat rows in sequence order):
+      prefix_slots[b] [P_b]        cached slots every query sees (final KV, positions < L-1)
+      tail_slots[b]   [M_b]        further slots (e.g. drafter scratch rows of tree nodes)
+      tail_masks[b]   [n_b, M_b]   bool: which tail slots each query sees
+      write_slots[b]  [n_b]        where each query's own K/V is written (must be in the tail,
+                                   and visible to itself through tail_masks)
+    Keys of b are prefix ++ tail, padded to Kmax = max(P_b + M_b) with slot 0 (masked).
+    """
+    num_seqs = len(prefix_slots)
+    lens = [int(m.shape[0]) for m in tail_masks]
+    q_max, total = max(lens), sum(lens)
+    k_max = max(int(p.shape[0]) + int(t.shape[0]) for p, t in zip(prefix_slots, tail_slots))
+    q_index = torch.full((num_seqs, q_max), total, dtype=torch.long)
+    out_index = torch.empty(total, dtype=torch.long)
+    kv_slots = torch.zeros(num_seqs, k_max, dtype=torch.long)
+    mask = torch.zeros(num_seqs, 1, q_max, k_max, dtype=torch.bool)
+    offset = 0
+    for b, n in enumerate(lens):
+        p_len, t_len = int(prefix_slots[b].shape[0]), int(tail_slots[b].shape[0])
+        kv_slots[b, :p_len] = prefix_slots[b]
+        kv_slots[b, p_len:p_len + t_len] = tail_slots[b]
+        mask[b, 0, :n, :p_len] = True
+        mask[b, 0, :n, p_len:p_len + t_len] = tail_masks[b]
+        mask[b, 0, n:, 0] = True  # padding queries see one key so softmax stays finite
+        q_index[b, :n] = torch.arange(offset, offset + n)
+        out_index[offset:offset + n] = b * q_max + torch.arange(n)
+        offset += n
+    return AttentionBatch(
+        slot_mapping=torch.cat(list(write_slots)).to(device),
+        q_index=q_index.to(device),
+        out_index=out_index.to(device),
+        kv_slots=kv_slots.to(device),
+        mask=mask.to(device),
+    )

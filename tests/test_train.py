@@ -1,0 +1,362 @@
+"""Drafter training: TTT forward vs the paged drafter, loss, vocab maps, the whole pipeline on a
+tiny random target (regenerate -> features -> vocab -> train -> save), resume, bad inputs."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from eyas.errors import InvalidRequestError
+from eyas.models.eagle3 import build_vocab_maps
+from eyas.train.data import count_tokens, split_prompts
+from eyas.train.ttt import (estimate_accept_length, explicit_ttt_mask, shift_left,
+                            target_to_draft_index, ttt_forward, ttt_loss)
+from eyas.workers.input_batch import SeqSpan, build_forward_inputs
+from test_eagle3 import BLOCK, TABLES, make_drafter, new_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls run far faster on one thread than on two cores shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def close(a, b, tol=1e-4):
+    err = (a - b).abs().max().item()
+    assert err <= tol * max(1.0, b.abs().max().item()), f"max abs diff {err:.3g}"
+
+
+# ---- dense TTT forward vs the paged drafter ------------------------------------------------
+@torch.no_grad()
+def test_dense_step0_matches_paged_forward():
+    """Step 0 of the dense unroll == Eagle3Drafter.forward through the paged KV cache, for two
+    sequences of different lengths padded into one dense batch."""
+    drafter = make_drafter()
+    g = torch.Generator().manual_seed(4)
+    lengths = [11, 7]
+    aux = [torch.randn(n, 192, generator=g) for n in lengths]
+    embeds = [torch.randn(n, 64, generator=g) for n in lengths]  # embed(x_{s+1}) at s
+    dense_aux = torch.zeros(2, 11, 192)
+    dense_emb = torch.zeros(2, 11, 64)
+    for b, n in enumerate(lengths):
+        dense_aux[b, :n], dense_emb[b, :n] = aux[b], embeds[b]
+    dense = ttt_forward(drafter, dense_emb, dense_aux, num_steps=1)[0]  # [2, 11, 64]
+
+    fi = build_forward_inputs([SeqSpan([0] * n, 0, TABLES[b]) for b, n in enumerate(lengths)],
+                              BLOCK)
+    hidden = drafter.fuse_aux([torch.cat(aux)])
+    paged = drafter(torch.cat(embeds), hidden, fi.positions, fi.attn, new_cache(drafter))
+    for b, n in enumerate(lengths):
+        got = dense[b, :n]
+        ref = paged[fi.query_start[b]:fi.query_start[b + 1]]
+        close(got, ref)
+        close(drafter.compute_logits(got), drafter.compute_logits(ref))
+
+
+@torch.no_grad()
+def test_dense_unroll_matches_paged_drafting_chain():
+    """Step i at index s of the unroll == the engine's chain: extend positions 0..s from target
+    features, then i draft steps feeding the drafter's own output (true tokens as inputs)."""
+    drafter = make_drafter(seed=2)
+    g = torch.Generator().manual_seed(6)
+    n, steps = 9, 4
+    aux = torch.randn(n, 192, generator=g)
+    emb = torch.randn(n + steps, 64, generator=g)  # emb[t] = embed(x_t)
+    outs = ttt_forward(drafter, emb[1:n + 1][None], aux[None], steps)
+    for s in (0, 3, 5):
+        cache = new_cache(drafter)
+        fi = build_forward_inputs([SeqSpan([0] * (s + 1), 0, TABLES[0])], BLOCK)
+        last = drafter(emb[1:s + 2], drafter.fuse_aux([aux[:s + 1]]), fi.positions, fi.attn,
+                       cache)[-1:]
+        close(last[0], outs[0][0, s])
+        for i in range(1, steps):
+            fi = build_forward_inputs([SeqSpan([0], s + i, TABLES[0])], BLOCK)
+            last = drafter(emb[s + 1 + i:s + 2 + i], last, fi.positions, fi.attn, cache)
+            close(last[0], outs[i][0, s])
+
+
+def test_explicit_mask_worked_example():
+    mask = explicit_ttt_mask(4, 2).int()
+    assert mask.shape == (4, 12)
+    assert mask[:, :4].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert torch.equal(mask[:, 4:8], torch.eye(4, dtype=torch.int))
+    assert torch.equal(mask[:, 8:], torch.eye(4, dtype=torch.int))
+
+
+def test_shift_left():
+    x = torch.arange(6).view(1, 6)
+    assert shift_left(x, 2).tolist() == [[2, 3, 4, 5, 0, 0]]
+    assert shift_left(x, 0) is x
+
+
+# ---- loss and metrics ----------------------------------------------------------------------
+def test_ttt_loss_masks_out_of_vocab_and_renormalises():
+    drafter = make_drafter(draft_vocab=64)
+    index = target_to_draft_index(drafter)
+    drafted = drafter.map_to_target(torch.arange(64))
+    assert torch.equal(index[drafted], torch.arange(64))
+    assert int((index >= 0).sum()) == 64
+    outside = int((index < 0).nonzero()[0])
+    a, b = int(drafted[3]), int(drafted[7])
+    # one sequence of 4 tokens, response = positions 2, 3 -> step 0 rows: s = 0 (x_2), 1 (x_3)
+    resp = torch.tensor([[False, False, True, True]])
+    ids = torch.zeros(1, 4, 3, dtype=torch.long)
+    lp = torch.full((1, 4, 3), -30.0)
+    ids[0, 1] = torch.tensor([a, outside, b])  # target at 1 (about x_2): top-1 drafted
+    lp[0, 1] = torch.tensor([math.log(0.6), math.log(0.3), math.log(0.1)])
+    ids[0, 2] = torch.tensor([outside, a, b])  # target at 2 (about x_3): top-1 not drafted
+    out = torch.zeros(1, 4, 64, requires_grad=True)
+    res = ttt_loss(drafter, [out], ids, lp, resp, index)
+    assert res.step_rows == [1] and res.step_total == [2]
+    logits = drafter.compute_logits(out[0, 0:1]).log_softmax(-1)[0]
+    expect = -(0.6 / 0.7 * logits[3] + 0.1 / 0.7 * logits[7])
+    assert abs(res.loss.item() - expect.item()) < 1e-5
+    res.loss.backward()
+    assert out.grad[0, 0].abs().sum() > 0 and out.grad[0, 1:].abs().sum() == 0
+
+
+def test_estimate_accept_length():
+    assert estimate_accept_length([1.0, 1.0]) == pytest.approx(6.0)
+    assert estimate_accept_length([0.5]) == pytest.approx(1 + 0.5 + 0.25 + 0.125 + 0.0625 + 0.03125)
+    assert estimate_accept_length([0.5, 0.0]) == pytest.approx(1.5)
+
+
+# ---- draft vocabulary ----------------------------------------------------------------------
+def test_vocab_maps_from_regenerated_counts():
+    records = [{"split": "train", "response_ids": [5, 5, 5, 2, 9, 9]},
+               {"split": "train", "response_ids": [9, 1]},
+               {"split": "val", "response_ids": [7, 7, 7, 7, 7]}]
+    counts = count_tokens(records, 10)
+    assert counts.tolist() == [0, 1, 1, 0, 0, 3, 0, 0, 0, 3]  # val is not counted
+    d2t, t2d = build_vocab_maps(counts, 3)
+    targets = torch.arange(3) + d2t
+    assert targets.tolist() == [1, 5, 9]  # top-3 by count, ties to the lower id, sorted
+    assert t2d.nonzero().flatten().tolist() == [1, 5, 9]
+    d2t, t2d = build_vocab_maps(counts, 10)  # the whole vocab: identity
+    assert d2t.abs().sum() == 0 and bool(t2d.all())
+
+
+def test_split_prompts_is_by_prompt_and_deterministic():
+    ids = [str(i) for i in range(40)]
+    val = split_prompts(ids, 0.1, seed=3)
+    assert len(val) == 4 and val == split_prompts(ids, 0.1, seed=3)
+    assert split_prompts(ids, 0.0, seed=3) == set()
+    assert len(split_prompts(ids[:3], 0.01, seed=0)) == 1
+
+
+# ---- the pipeline on a tiny target ---------------------------------------------------------
+PROMPTS = [
+    {"prompt": "Write a sentence about the sea."},
+    {"prompt": "What is 12 times 7?"},
+    {"prompt": "Translate 'good morning' into French."},
+    {"prompt": "Give me three tips for sleeping well."},
+    {"prompt": "Write a Python function that reverses a string."},
+    {"prompt": "Tell me a joke about cats."},
+    {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "How are you today?"}]},
+    {"prompt": "Summarise the plot of a heist movie in two lines."},
+    {"prompt": "List the planets of the solar system."},
+    {"prompt": "Format 'a=1, b=2' as JSON."},
+    {"messages": [{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": "Why is the sky blue?"}]},
+    {"prompt": "Describe a rainy afternoon."},
+]
+
+
+def write_prompts(path: Path, rows=PROMPTS) -> Path:
+    path.write_text("".join(json.dumps({"id": f"p{i}", **r}) + "\n" for i, r in enumerate(rows)))
+    return path
+
+
+def tiny_config(target, prompts, out, **kw):
+    from eyas.train.trainer import TrainConfig
+
+    base = dict(target=str(target), prompts=str(prompts), out=str(out), draft_vocab=512,
+                ttt_steps=3, epochs=2, lr=3e-3, batch_tokens=256, max_new_tokens=16,
+                val_fraction=0.2, device="cpu", max_model_len=256, kv_cache_memory="32MiB",
+                topk=20, patience=0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_train_pipeline_resume_and_checkpoint(tmp_path, tiny_llama_path):
+    from transformers import AutoConfig
+
+    from eyas.core import SamplingParams
+    from eyas.llm import LLM
+    from eyas.models.eagle3 import load_drafter
+    from eyas.train.trainer import train_drafter
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "drafter"
+    cfg = tiny_config(tiny_llama_path, prompts, out)
+
+    def stop_after_first_epoch(name, **info):
+        if name == "epoch_end" and info["epoch"] == 1:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        train_drafter(cfg, on_event=stop_after_first_epoch)
+    work = out / "work"
+    for stage in ("regenerate", "features", "vocab"):
+        assert (work / f"{stage}.done").is_file()
+    assert (work / "ckpt.pt").is_file() and not (work / "train.done").is_file()
+    assert not (out / "model.safetensors").exists()
+
+    events = []
+    summary = train_drafter(cfg, on_event=lambda name, **info: events.append(
+        (name, info.get("stage", info.get("epoch")))))
+    assert events[:3] == [("stage_skip", "regenerate"), ("stage_skip", "features"),
+                          ("stage_skip", "vocab")]
+    assert ("resume", 1) in events and ("epoch_end", 2) in events
+    assert ("epoch_end", 1) not in events
+
+    # summary: sizes, losses going down, per-step accuracy, the estimate
+    saved = json.loads((out / "train_summary.json").read_text())
+    assert saved["prompts"] == 12 and saved["epochs_run"] == 2 and len(saved["history"]) == 2
+    assert sum(saved["sequences"].values()) == 12 and saved["sequences"]["val"] >= 1
+    assert saved["response_tokens"]["train"] > 0
+    hist = saved["history"]
+    assert hist[1]["train_loss"] < hist[0]["train_loss"]
+    assert saved["val_loss"] < saved["val_loss_before_training"]
+    assert len(saved["val_top1_acc_per_step"]) == 3
+    assert 1.0 <= saved["est_accept_len_chain5"] <= 6.0
+    assert summary["draft_vocab"] == 512
+
+    # the checkpoint: EAGLE-3 layout, fp16, loadable, drafts in the engine
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert config["draft_vocab_size"] == 512 and config["torch_dtype"] == "float16"
+    target_cfg = AutoConfig.from_pretrained(tiny_llama_path)
+    drafter = load_drafter(out, target_cfg)
+    vocab = torch.load(work / "vocab.pt", weights_only=True)
+    assert torch.equal(drafter.t2d, vocab["t2d"]) and torch.equal(drafter.d2t, vocab["d2t"])
+
+    kw = dict(device="cpu", max_model_len=256, kv_cache_memory="32MiB")
+    messages = [{"messages": [{"role": "user", "content": "Write a sentence about the sea."}]}]
+    params = SamplingParams(max_tokens=12)
+    spec = LLM(model=str(tiny_llama_path), draft=str(out), spec_steps=3, **kw).generate(
+        messages, params, chat=True)[0]
+    plain = LLM(model=str(tiny_llama_path), **kw).generate(messages, params, chat=True)[0]
+    assert spec.token_ids == plain.token_ids  # greedy speculation is lossless
+    assert spec.spec is not None and spec.spec.target_steps >= 1
+
+    # a third run finds everything done; other settings are refused, naming the stage
+    events.clear()
+    train_drafter(cfg, on_event=lambda name, **info: events.append((name, info.get("stage"))))
+    assert ("stage_skip", "train") in events
+    with pytest.raises(InvalidRequestError, match="regenerate"):
+        train_drafter(tiny_config(tiny_llama_path, prompts, out, max_new_tokens=8))
+
+
+def test_eval_drafter_reports_accept_length(tmp_path, tiny_llama_path, tiny_drafter_path):
+    from eyas.train.evaluate import evaluate_drafter, format_table
+
+    prompts = write_prompts(tmp_path / "eval.jsonl", PROMPTS[:3])
+    report = evaluate_drafter(str(tiny_llama_path), str(tiny_drafter_path), str(prompts),
+                              max_tokens=6, chains=(1, 2), temperatures=(0.0, 0.7),
+                              device="cpu", progress=False, max_model_len=256,
+                              kv_cache_memory="32MiB")
+    assert [(r["k"], r["temperature"]) for r in report["results"]] == [
+        (1, 0.0), (1, 0.7), (2, 0.0), (2, 0.7)]
+    for r in report["results"]:
+        assert 1.0 <= r["accept_len"] <= r["k"] + 1
+        assert 0 < r["tokens"] <= 18
+    table = format_table(report)
+    assert "| 2 |" in table and "tree" in table
+
+
+# ---- bad inputs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("content, match", [
+    (None, "not found"),
+    ("", "no prompts"),
+    ("\n\n", "no prompts"),
+    ('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": \n', "line 2"),
+    ('{"id": 1}\n', "line 1"),
+    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "duplicate"),
+])
+def test_bad_prompt_file_errors_before_any_work(tmp_path, tiny_llama_path, content, match):
+    from eyas.train.trainer import train_drafter
+
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "out"
+    with pytest.raises(InvalidRequestError, match=match):
+        train_drafter(tiny_config(tiny_llama_path, path, out))
+    assert not out.exists()
+
+
+def test_bad_options_are_refused(tmp_path):
+    from eyas.train.trainer import TrainConfig
+
+    with pytest.raises(InvalidRequestError, match="ttt_steps"):
+        TrainConfig(target="t", prompts="p", out="o", ttt_steps=0)
+    with pytest.raises(InvalidRequestError, match="val_fraction"):
+        TrainConfig(target="t", prompts="p", out="o", val_fraction=1.0)
+
+
+def test_cli_parsers():
+    from eyas.train.cli_train import add_train_parser, config_from_args
+    from eyas.train.evaluate import add_eval_parser
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    args = parser.parse_args(["train-drafter", "--target", "m", "--prompts", "p.jsonl", "--out",
+                              "d", "--draft-vocab", "16384", "--ttt-steps", "5",
+                              "--aux-layers", "1,4,7", "--samples-per-prompt", "3"])
+    cfg = config_from_args(args)
+    assert callable(args.func)
+    assert (cfg.draft_vocab, cfg.ttt_steps, cfg.aux_layers, cfg.samples_per_prompt) == (
+        16384, 5, (1, 4, 7), 3)
+    assert cfg.max_new_tokens == 256 and cfg.temperature == 0.0 and cfg.val_fraction == 0.05
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-drafter", "--target", "m", "--prompts", "p", "--out", "d",
+                           "--aux-layers", "1,2"])
+    args = parser.parse_args(["eval-drafter", "--target", "m", "--draft", "d", "--prompts", "p",
+                              "--chains", "1,3"])
+    assert args.chains == [1, 3] and args.temperatures == [0.0, 0.7] and callable(args.func)
+
+
+# ---- shipped prompt sets -------------------------------------------------------------------
+def test_prompt_sets_are_valid_large_and_disjoint():
+    import importlib.util
+
+    from eyas.prompts import read_prompt_file
+
+    root = Path(__file__).resolve().parents[1] / "data" / "prompts"
+    train = read_prompt_file(root / "train.jsonl")
+    held = read_prompt_file(root / "eval.jsonl")
+    assert len(train) >= 1000 and len(held) >= 40
+    assert sum(s.messages is not None for s in train) >= 50
+
+    def user_texts(specs):
+        out = set()
+        for s in specs:
+            if s.prompt is not None:
+                out.add(s.prompt.strip().lower())
+            for m in s.messages or []:
+                if m["role"] == "user":
+                    out.add(m["content"].strip().lower())
+        return out
+    assert not user_texts(train) & user_texts(held)
+
+    spec = importlib.util.spec_from_file_location("make_prompts", root / "make_prompts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.build(seed=0)
+    shipped = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    assert rows == shipped  # the file is what the script makes
