@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    from eyas.train.cli_train import add_train_parser
+    from eyas.train.evaluate import add_eval_parser
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
