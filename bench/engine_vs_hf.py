@@ -53,8 +53,9 @@ def bench_hf(model, tok, prompts, new_tokens):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = model.device
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id)
     with torch.inference_mode():
@@ -62,6 +63,8 @@ def bench_hf(model, tok, prompts, new_tokens):
                        pad_token_id=tok.pad_token_id)
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
     toks = (out.shape[1] - width) * len(prompts)
     return toks / dt, dt / new_tokens * 1000
@@ -74,6 +77,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (both engines)")
     ap.add_argument("--out", default="docs/bench/engine_vs_hf.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,8 +89,10 @@ def main():
     from eyas.hub import resolve_model
 
     path = resolve_model(args.model)
-    llm = LLM(model=str(path), max_num_seqs=64)
-    hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    llm = LLM(model=str(path), max_num_seqs=64, device=args.device, dtype=args.dtype,
+              kv_cache_memory="4GiB")
+    hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
         prompts = make_prompts(llm.tokenizer, c)
@@ -96,7 +103,8 @@ def main():
             row.update(hf_tok_s=round(h_tps, 1), hf_ms_step=round(h_ms, 1), speedup=round(e_tps / h_tps, 2))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "dtype": args.dtype,
             "threads": args.threads, "torch": torch.__version__, "command": " ".join(sys.argv),
             "new_tokens": args.new_tokens, "prompt_tokens": [len(p) for p in make_prompts(llm.tokenizer, 4)]}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

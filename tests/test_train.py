@@ -82,6 +82,28 @@ def test_dense_unroll_matches_paged_drafting_chain():
             close(last[0], outs[i][0, s])
 
 
+@torch.no_grad()
+def test_chain_start_skips_only_unfollowed_chains():
+    """Following chains s >= c gives the same outputs (and loss) as following all of them."""
+    drafter = make_drafter(seed=3)
+    g = torch.Generator().manual_seed(8)
+    aux, emb = torch.randn(2, 10, 192, generator=g), torch.randn(2, 10, 64, generator=g)
+    full = ttt_forward(drafter, emb, aux, 3)
+    part = ttt_forward(drafter, emb, aux, 3, chain_start=4)
+    for a, b in zip(full, part):
+        assert b.shape == (2, 6, 64)
+        close(b, a[:, 4:])
+    resp = torch.zeros(2, 10, dtype=torch.bool)
+    resp[:, 8:] = True  # prompts of 8: step i of chain s predicts x_{s+2+i}, so s >= 8-1-3
+    ids = torch.randint(0, 256, (2, 10, 5), generator=g)
+    lp = torch.randn(2, 10, 5, generator=g).log_softmax(-1).sort(-1, descending=True).values
+    index = target_to_draft_index(drafter)
+    a = ttt_loss(drafter, full, ids, lp, resp, index)
+    b = ttt_loss(drafter, part, ids, lp, resp, index, chain_start=4)
+    assert a.step_total == b.step_total and a.step_correct == b.step_correct
+    assert abs(a.loss.item() - b.loss.item()) < 1e-5
+
+
 def test_explicit_mask_worked_example():
     mask = explicit_ttt_mask(4, 2).int()
     assert mask.shape == (4, 12)

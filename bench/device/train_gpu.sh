@@ -10,6 +10,9 @@ export PYTHONPATH=".:/tmp/eyas-site"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
+timeout ${BENCH_TIMEOUT:-60} python3 bench/engine_vs_hf.py --device cuda --dtype bfloat16 \
+  --concurrency 1,16,64 --new-tokens 128 --out "$OUT/engine_vs_hf_gpu.json" 2>&1 | grep -v Warn | tail -8 | tee "$OUT/engine.log"
+
 W=/tmp/eyas-drafter
 timeout ${TRAIN_TIMEOUT:-200} python3 -m eyas.cli train-drafter --target smollm2-135m-instruct \
   --prompts data/prompts/train.jsonl --out $W --device cuda --samples-per-prompt ${SAMPLES:-4} \

@@ -11,6 +11,10 @@ token p+2. One round for a sequence of length L (token L-1 has no KV yet):
   extend  positions [dstart, L-1) with pending features and tokens[dstart+1 : L] -> d_1
   step j  position L-2+j with the drafter's own previous output and d_{j-1}     -> d_j
 Draft steps write speculative KV at positions >= L-1; the next extend overwrites it.
+
+With topk > 1 the same extend is followed by a best-first tree search (spec/tree.py): each
+tree step expands up to topk nodes per sequence at one depth, and their drafter K/V goes to
+scratch rows of the drafter's cache instead of paged slots.
 """
 from __future__ import annotations
 

@@ -84,6 +84,29 @@ class TreeDraft:
         return row.new_zeros(vocab_size).index_copy_(0, self.draft_to_target, row)
 
 
+def _sampled_key(log_mass_before: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Ranking key (less the parent's score) of sampled children [s, k]: the log of the q-mass
+    left before each draw, which does not depend on the draw itself (see the module docstring;
+    a test swaps in log_q to show that ranking by the draw's own probability is biased)."""
+    return log_mass_before
+
+
+def make_tree_draft(tokens: Seq[int], parents: Seq[int], q: Optional[torch.Tensor] = None,
+                    draft_to_target: Optional[torch.Tensor] = None) -> TreeDraft:
+    """Build a TreeDraft from node tokens [n] and parents [n] (-1 = root; parents first)."""
+    n = len(tokens)
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)  # [n+1, n+1], 0 = root
+    mask[0, 0] = True
+    depths = []
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"node {i}: parent {p} must be -1 or an earlier node")
+        mask[i + 1] = mask[p + 1]
+        mask[i + 1, i + 1] = True
+        depths.append(depths[p] + 1 if p >= 0 else 1)
+    return TreeDraft(list(tokens), list(parents), depths, mask, q, draft_to_target)
+
+
 @dataclass
 class _Node:
     token: int  # target id
@@ -169,8 +192,9 @@ class TreeSearch:
                 rest.scatter_(1, pick[:, None], 0.0)
             mass = torch.stack(masses, 1)  # [s, k]
             pick = torch.stack(picks, 1)  # [s, k]
-            logq = q.gather(1, pick).log().tolist()
-            raw = mass.log().tolist()
+            logq = q.gather(1, pick).log()  # [s, k]
+            raw = _sampled_key(mass.log(), logq).tolist()
+            logq = logq.tolist()
             tok = self._to_target(pick).tolist()
             for row, r in enumerate(sampled):
                 b, i = nodes[r]
@@ -211,19 +235,9 @@ class TreeSearch:
             chosen = sorted(tree.ranked()[:tree.budget], key=lambda i: (tree.nodes[i].depth, i))
             where = {i: pos for pos, i in enumerate(chosen)}
             n = len(chosen)
-            mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-            mask[0, 0] = True
-            parents, depths, tokens = [], [], []
-            for pos, i in enumerate(chosen):
-                nd = tree.nodes[i]
-                if nd.parent >= 0 and nd.parent not in where:
-                    raise RuntimeError("tree selection is not ancestor-closed")  # a bug, not input
-                parent = where[nd.parent] if nd.parent >= 0 else -1
-                parents.append(parent)
-                depths.append(nd.depth)
-                tokens.append(nd.token)
-                mask[pos + 1] = mask[parent + 1]
-                mask[pos + 1, pos + 1] = True
+            if any(tree.nodes[i].parent >= 0 and tree.nodes[i].parent not in where for i in chosen):
+                raise RuntimeError("tree selection is not ancestor-closed")  # a bug, not bad input
+            parents = [where.get(tree.nodes[i].parent, -1) for i in chosen]
             q = None
             if not self.params[b].greedy:
                 probs, _ = tree.q[-1]
@@ -232,8 +246,8 @@ class TreeSearch:
                     if i in tree.q:
                         src, row = tree.q[i]
                         q[pos + 1] = src[row]
-            drafts.append(TreeDraft(tokens, parents, depths, mask, q,
-                                    self.draft_to_target if q is not None else None))
+            drafts.append(make_tree_draft([tree.nodes[i].token for i in chosen], parents, q,
+                                          self.draft_to_target if q is not None else None))
         return drafts
 
 

@@ -1,4 +1,5 @@
-"""Accepting draft tokens: greedy matching and lossless rejection sampling (chains).
+"""Accepting draft tokens: greedy matching and lossless rejection sampling, for chains and (at the
+end of this file) trees.
 
 Notation for one sequence with K draft tokens d_1..d_K:
   p_j = the target's distribution for the token after d_{j-1} (p_1 follows the last real

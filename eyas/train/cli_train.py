@@ -61,6 +61,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="stop after this many epochs without val improvement (0: never)")
     g.add_argument("--step-weight", type=float, default=0.8, help="loss weight base per step")
     g.add_argument("--intermediate-size", type=int, help="drafter MLP width (default: target's)")
+    g.add_argument("--lm-head-init", choices=["target", "random"], default="target",
+                   help="lm_head from the target's head rows of the draft vocab, or random")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--dtype", default="auto", help="target dtype: auto | float32 | bfloat16")

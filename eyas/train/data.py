@@ -402,4 +402,5 @@ def collate(recs: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
         top_ids[b, p - 1:m - 1] = r["topk_ids"].long()
         top_lp[b, p - 1:m - 1] = r["topk_logprobs"]
     return {"ids": ids.to(device), "aux": aux.to(device).float(), "resp": resp.to(device),
-            "topk_ids": top_ids.to(device), "topk_logprobs": top_lp.to(device).float()}
+            "topk_ids": top_ids.to(device), "topk_logprobs": top_lp.to(device).float(),
+            "min_prompt_len": min(r["prompt_len"] for r in recs)}

@@ -67,69 +67,78 @@ def shift_left(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _ttt_attention(q: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor,
                    diag_k: list[torch.Tensor], diag_v: list[torch.Tensor],
-                   scale: float) -> torch.Tensor:
-    """q [B, n, Hq, D]; step-0 k0/v0 [B, n, Hkv, D]; diag_k/diag_v: one [B, n, Hkv, D] per step
-    1..i (this step's own last). Returns [B, n, Hq, D]."""
-    bsz, n, num_heads, dim = q.shape
-    num_kv = k0.shape[2]
+                   scale: float, chain_start: int = 0) -> torch.Tensor:
+    """q [B, m, Hq, D] for chains s = chain_start .. n-1 (m = n - chain_start); step-0 k0/v0
+    [B, n, Hkv, D] for every position; diag_k/diag_v: one [B, m, Hkv, D] per step 1..i (this
+    step's own last). Returns [B, m, Hq, D]."""
+    bsz, m, num_heads, dim = q.shape
+    n, num_kv = k0.shape[1], k0.shape[2]
     rep = num_heads // num_kv
-    qh = q.view(bsz, n, num_kv, rep, dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, rep, n, D]
+    qh = q.view(bsz, m, num_kv, rep, dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, rep, m, D]
     kh = k0.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, n, D]
     vh = v0.permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, Hkv, rep, n, n]
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, Hkv, rep, m, n]
+    chains = torch.arange(chain_start, n, device=q.device)
+    causal = torch.arange(n, device=q.device)[None, :] <= chains[:, None]  # [m, n]: t <= s
     scores = scores.masked_fill(~causal, float("-inf"))
     if diag_k:
-        dk = torch.stack(diag_k, dim=-2).permute(0, 2, 1, 3, 4).unsqueeze(2)  # [B,Hkv,1,n,i,D]
+        dk = torch.stack(diag_k, dim=-2).permute(0, 2, 1, 3, 4).unsqueeze(2)  # [B,Hkv,1,m,i,D]
         dv = torch.stack(diag_v, dim=-2).permute(0, 2, 1, 3, 4).unsqueeze(2)
-        diag = (qh.unsqueeze(-2) * dk).sum(-1) * scale  # [B, Hkv, rep, n, i]
+        diag = (qh.unsqueeze(-2) * dk).sum(-1) * scale  # [B, Hkv, rep, m, i]
         probs = torch.cat([scores, diag], dim=-1).float().softmax(dim=-1).to(q.dtype)
-        out = torch.matmul(probs[..., :n], vh)  # [B, Hkv, rep, n, D]
+        out = torch.matmul(probs[..., :n], vh)  # [B, Hkv, rep, m, D]
         out = out + (probs[..., n:].unsqueeze(-1) * dv).sum(-2)
     else:
         out = torch.matmul(scores.float().softmax(dim=-1).to(q.dtype), vh)
-    return out.permute(0, 3, 1, 2, 4).reshape(bsz, n, num_heads, dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(bsz, m, num_heads, dim)
 
 
 def ttt_forward(drafter, next_embeds: torch.Tensor, aux: torch.Tensor,
-                num_steps: int) -> list[torch.Tensor]:
+                num_steps: int, chain_start: int = 0) -> list[torch.Tensor]:
     """Unroll the drafter num_steps times over whole sequences.
 
     next_embeds [B, n, H]: embed(x_{s+1}) at index s (what step 0 reads; step i reads it shifted
     left by i). aux [B, n, 3 Ht]: concatenated target aux hidden states.
-    Returns per step the pre-norm output o_i [B, n, H] of chain s at index s (position s + i).
-    Uses the drafter's own parameters (fc, midlayer, rotary); no KV cache, no paged attention.
+    chain_start c: only chains s >= c are followed (e.g. c = p - 1 - num_steps for prompts of
+    at least p tokens: earlier chains predict no response token at any step); every position
+    still gives its step-0 key and value.
+    Returns per step the pre-norm output o_i [B, n - c, H] of chain s at row s - c (position
+    s + i). Uses the drafter's own parameters (fc, midlayer, rotary); no KV cache, no paging.
     """
     mid = drafter.midlayer
     attn = mid.self_attn
     bsz, n, _ = next_embeds.shape
     heads, dim = attn.num_heads, attn.head_dim
-    hidden = drafter.fc(aux)  # [B, n, H]
+    c = chain_start
     k0 = v0 = None
     diag_k: list[torch.Tensor] = []
     diag_v: list[torch.Tensor] = []
     outs = []
-    base = torch.arange(n, device=next_embeds.device)
+    hidden = drafter.fc(aux)  # [B, n, H]; step 0 needs every position for its keys
+    embeds = next_embeds
     for i in range(num_steps):
-        embeds = shift_left(next_embeds, i)  # [B, n, H]: e_{s+1+i}
+        rows = hidden.shape[1]  # n at step 0, n - c after
+        pos = torch.arange(n - rows, n, device=next_embeds.device) + i  # position s + i
         normed = mid.hidden_norm(hidden)
         residual = normed if mid.norm_before_residual else hidden
-        x = torch.cat([mid.input_layernorm(embeds), normed], dim=-1)  # [B, n, 2H]
-        qkv = attn.qkv_proj(x)  # [B, n, (Hq + 2 Hkv) D]
-        cos, sin = drafter.rotary_emb(base + i)  # [n, 1, D]: position s + i
-        qk = apply_rotary(qkv[..., :attn.qk_size].reshape(bsz, n, -1, dim), cos, sin)
-        q, k = qk[:, :, :heads], qk[:, :, heads:]  # [B, n, Hq, D], [B, n, Hkv, D]
-        v = qkv[..., attn.qk_size:].reshape(bsz, n, -1, dim)
+        x = torch.cat([mid.input_layernorm(embeds), normed], dim=-1)  # [B, rows, 2H]
+        qkv = attn.qkv_proj(x)  # [B, rows, (Hq + 2 Hkv) D]
+        cos, sin = drafter.rotary_emb(pos)  # [rows, 1, D]
+        qk = apply_rotary(qkv[..., :attn.qk_size].reshape(bsz, rows, -1, dim), cos, sin)
+        q, k = qk[:, :, :heads], qk[:, :, heads:]  # [B, rows, Hq, D], [B, rows, Hkv, D]
+        v = qkv[..., attn.qk_size:].reshape(bsz, rows, -1, dim)
         if i == 0:
             k0, v0 = k, v
+            q, residual = q[:, c:], residual[:, c:]  # queries only for followed chains
         else:
             diag_k.append(k)
             diag_v.append(v)
-        o = _ttt_attention(q, k0, v0, diag_k, diag_v, attn.scale)  # [B, n, Hq, D]
-        h = residual + attn.o_proj(o.reshape(bsz, n, heads * dim))
+        o = _ttt_attention(q, k0, v0, diag_k, diag_v, attn.scale, c)  # [B, n - c, Hq, D]
+        h = residual + attn.o_proj(o.reshape(bsz, n - c, heads * dim))
         out = h + mid.mlp(mid.post_attention_layernorm(h))
         outs.append(out)
         hidden = out
+        embeds = shift_left(next_embeds, i + 1)[:, c:]  # e_{s+2+i} for the next step
     return outs
 
 
@@ -154,7 +163,7 @@ class TTTLoss:
 def ttt_loss(drafter, outs: list[torch.Tensor], topk_ids: torch.Tensor,
              topk_logprobs: torch.Tensor, response_mask: torch.Tensor,
              t2d_index: torch.Tensor, step_weight: float = 0.8,
-             with_grad: bool = True) -> TTTLoss:
+             with_grad: bool = True, chain_start: int = 0) -> TTTLoss:
     """Soft cross-entropy of each unroll step against the target, restricted to the draft vocab.
 
     topk_ids/topk_logprobs [B, n, k]: the target's top-k next-token distribution at index t
@@ -162,14 +171,15 @@ def ttt_loss(drafter, outs: list[torch.Tensor], topk_ids: torch.Tensor,
     token. Step i at index s predicts x_{s+2+i}, so it reads the target at s+1+i and counts when
     x_{s+2+i} is a response token. The target's top-k, restricted to draft-vocab ids, is
     renormalised; rows whose target argmax is outside the draft vocab are left out of the loss
-    (they still count, as misses, in the accuracy).
+    (they still count, as misses, in the accuracy). outs cover chains chain_start .. n-1.
     """
+    c = chain_start
     weights, terms = [], []
     step_loss, step_rows, step_correct, step_total = [], [], [], []
     for i, out in enumerate(outs):
-        valid = shift_left(response_mask, 2 + i)  # [B, n]
-        ids = shift_left(topk_ids, 1 + i)[valid]  # [N, k]
-        logprobs = shift_left(topk_logprobs, 1 + i)[valid].float()  # [N, k]
+        valid = shift_left(response_mask, 2 + i)[:, c:]  # [B, n - c]
+        ids = shift_left(topk_ids, 1 + i)[:, c:][valid]  # [N, k]
+        logprobs = shift_left(topk_logprobs, 1 + i)[:, c:][valid].float()  # [N, k]
         logits = drafter.compute_logits(out[valid])  # [N, Vd] fp32
         draft = t2d_index[ids]  # [N, k]
         in_vocab = draft >= 0
