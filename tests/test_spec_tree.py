@@ -12,6 +12,7 @@ import torch
 
 from eyas import SamplingParams
 from eyas.layers.sampler import processed_probs
+from eyas.spec import tree as tree_mod
 from eyas.spec import verify
 from eyas.spec.decoder import SpecDecoder
 from eyas.spec.proposer import Proposer
@@ -310,12 +311,13 @@ def tree_generate(target, drafter, x0, n, params, gen, steps=3, topk=2, budget=4
     return tuple(out[1:n + 1])
 
 
-def markov_chi2(draws, params=SamplingParams(temperature=1.0), n=3):
+def markov_chi2(draws, n, steps, topk, budget, params=SamplingParams(temperature=1.0)):
+    """Chi-square of the joint law of n generated tokens against the exact one."""
     target, drafter = markov()
     gen = torch.Generator().manual_seed(1)
     counts = {}
     for _ in range(draws):
-        s = tree_generate(target, drafter, 0, n, params, gen)
+        s = tree_generate(target, drafter, 0, n, params, gen, steps, topk, budget)
         counts[s] = counts.get(s, 0) + 1
     p = processed_probs(target, [params] * V)
     stat, cells = 0.0, 0
@@ -330,18 +332,22 @@ def markov_chi2(draws, params=SamplingParams(temperature=1.0), n=3):
 
 
 def test_sampled_tree_matches_target_distribution():
-    stat, df = markov_chi2(3000)
+    stat, df = markov_chi2(2000, n=3, steps=3, topk=3, budget=5)
     assert stat < chi2_crit(df), f"chi-square {stat:.1f} over the 0.1% critical value ({df} df)"
 
 
-@pytest.mark.parametrize("broken", ["keep_rejected_in_q", "no_residual"])
-def test_broken_tree_rule_is_detected(monkeypatch, broken):
+@pytest.mark.parametrize("broken,draws", [("intact", 2000), ("keep_rejected_in_q", 1000),
+                                          ("no_residual", 1000), ("rank_by_own_q", 2000)])
+def test_broken_tree_rule_is_detected(monkeypatch, broken, draws):
+    """Small trees, 2 tokens: the intact rule passes, each rule broken on purpose fails."""
     if broken == "keep_rejected_in_q":  # q_{i+1} = q_i: the rejected child stays in q
         monkeypatch.setattr(verify, "_without", lambda q, token: q)
-    else:  # p_{i+1} = p_i: no residual after a rejection
+    elif broken == "no_residual":  # p_{i+1} = p_i: no residual after a rejection
         monkeypatch.setattr(verify, "_residual", lambda p, q: p)
-    stat, df = markov_chi2(1500)
-    assert stat > chi2_crit(df)
+    elif broken == "rank_by_own_q":  # EAGLE-2's ranking of sampled draws by their own q
+        monkeypatch.setattr(tree_mod, "_sampled_key", lambda log_mass, log_q: log_q)
+    stat, df = markov_chi2(draws, n=2, steps=2, topk=3, budget=3)
+    assert (stat < chi2_crit(df)) == (broken == "intact"), f"chi-square {stat:.1f} ({df} df)"
 
 
 def test_greedy_tree_verification_walks_argmax():

@@ -194,13 +194,13 @@ class TreeSearch:
             pick = torch.stack(picks, 1)  # [s, k]
             logq = q.gather(1, pick).log()  # [s, k]
             raw = _sampled_key(mass.log(), logq).tolist()
-            logq = logq.tolist()
+            logq, left = logq.tolist(), mass.tolist()
             tok = self._to_target(pick).tolist()
             for row, r in enumerate(sampled):
                 b, i = nodes[r]
                 self.trees[b].q[i] = (q, row)
                 for j in range(k):
-                    if raw[row][j] == -math.inf:
+                    if left[row][j] <= 0:
                         break  # support exhausted (no mass left): no further children
                     kids[r].append((tok[row][j], logq[row][j], raw[row][j]))
         for r, (b, i) in enumerate(nodes):
