@@ -36,12 +36,12 @@ from torch import nn
 
 from eyas.errors import ConfigError, ModelNotFoundError
 from eyas.layers.attention import AttentionBatch, paged_attention
-from eyas.layers.linear import (LMHead, QKVLinear, ReplicatedLinear, RowLinear, VocabEmbedding,
-                                default_weight_loader)
+from eyas.layers.linear import LMHead, QKVLinear, ReplicatedLinear, RowLinear, VocabEmbedding
 from eyas.layers.norm import RMSNorm
 from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
 from eyas.models.llama import LlamaMLP
 from eyas.models.loader import iter_safetensors
+from eyas.models.weights import load_one, missing_shards
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 # vLLM's alias, and what the original EAGLE trainer writes (SGLang overrides it by flag).
@@ -307,42 +307,21 @@ class Eagle3Drafter(nn.Module):
                 self.checkpoint_has_embed_tokens = True
                 if self.uses_target_embedding:
                     continue  # the target's embedding is used
-            target, shard = name, None
-            for ckpt_name, (fused_name, shard_id) in self.packed_modules_mapping.items():
-                if f".{ckpt_name}." in name:
-                    target, shard = name.replace(f".{ckpt_name}.", f".{fused_name}."), shard_id
-                    break
-            param = params.get(target)
-            if param is None:
+            key = load_one(params, name, tensor, self.packed_modules_mapping, f"drafter weight {raw}")
+            if key is None:
                 unexpected.append(raw)
-                continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                loader(param, tensor, shard)
-            except ConfigError as e:
-                raise ConfigError(f"drafter weight {raw}: {e}") from e
-            loaded.add((target, shard))
+            else:
+                loaded.add(key)
         if unexpected:
             raise ConfigError(f"drafter checkpoint has weights an EAGLE-3 drafter does not know: "
                               f"{', '.join(unexpected[:20])}")
-        missing = [f"{n}[{s}]" if s is not None else n
-                   for n, s in self._expected_shards(params) if (n, s) not in loaded]
+        missing = missing_shards(params, self.packed_modules_mapping, loaded)
         if missing == ["lm_head.weight"] and self.draft_vocab_size == self.vocab_size:
             self.needs_target_lm_head = True  # shares the target's head
         elif missing:
             raise ConfigError(f"drafter checkpoint is missing {len(missing)} weight(s): "
                               f"{', '.join(missing[:20])}")
         self.set_vocab_maps(maps.get("d2t"), maps.get("t2d"))
-
-    def _expected_shards(self, params: dict[str, nn.Parameter]) -> list[tuple[str, object]]:
-        fused: dict[str, list[object]] = {}
-        for fused_name, shard_id in self.packed_modules_mapping.values():
-            fused.setdefault(fused_name, []).append(shard_id)
-        expected = []
-        for name in params:
-            module = name.split(".")[-2]
-            expected += [(name, s) for s in fused[module]] if module in fused else [(name, None)]
-        return expected
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         """Unfused checkpoint tensors under SGLang/vLLM names, plus d2t and t2d."""

@@ -15,10 +15,10 @@ from torch import nn
 from eyas.errors import ConfigError
 from eyas.layers.activation import SiluAndMul
 from eyas.layers.attention import AttentionBatch, paged_attention
-from eyas.layers.linear import (LMHead, MergedColumnLinear, QKVLinear, RowLinear,
-                                VocabEmbedding, default_weight_loader)
+from eyas.layers.linear import LMHead, MergedColumnLinear, QKVLinear, RowLinear, VocabEmbedding
 from eyas.layers.norm import RMSNorm
 from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
+from eyas.models.weights import load_one, missing_shards
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [num_blocks, block_size, Hkv, D]
 
@@ -205,37 +205,15 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue  # tied: the embedding is the head
-            target, shard = name, None
-            for ckpt_name, (fused_name, shard_id) in self.packed_modules_mapping.items():
-                if f".{ckpt_name}." in name:
-                    target = name.replace(f".{ckpt_name}.", f".{fused_name}.")
-                    shard = shard_id
-                    break
-            param = params.get(target)
-            if param is None:
+            key = load_one(params, name, tensor, self.packed_modules_mapping, name)
+            if key is None:
                 unexpected.append(name)
-                continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                loader(param, tensor, shard)
-            except ConfigError as e:
-                raise ConfigError(f"{name}: {e}") from e
-            loaded.add((target, shard))
+            else:
+                loaded.add(key)
         if unexpected:
             raise ConfigError(f"checkpoint has weights this model does not know: "
                               f"{', '.join(unexpected[:20])}")
-        missing = [f"{name}[{shard}]" if shard is not None else name
-                   for name, shard in self._expected_shards(params) if (name, shard) not in loaded]
+        missing = missing_shards(params, self.packed_modules_mapping, loaded)
         if missing:
             raise ConfigError(f"checkpoint is missing {len(missing)} parameter(s): "
                               f"{', '.join(missing[:20])}")
-
-    def _expected_shards(self, params: dict[str, nn.Parameter]) -> list[tuple[str, object]]:
-        fused: dict[str, list[object]] = {}
-        for fused_name, shard_id in self.packed_modules_mapping.values():
-            fused.setdefault(fused_name, []).append(shard_id)
-        expected = []
-        for name in params:
-            module = name.split(".")[-2]
-            expected += [(name, s) for s in fused[module]] if module in fused else [(name, None)]
-        return expected
