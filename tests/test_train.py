@@ -295,8 +295,12 @@ def test_eval_drafter_reports_accept_length(tmp_path, tiny_llama_path, tiny_draf
     for r in report["results"]:
         assert 1.0 <= r["accept_len"] <= r["k"] + 1
         assert 0 < r["tokens"] <= 18
+    assert [(r["k"], r["topk"], r["temperature"]) for r in report["tree_results"]] == [
+        (5, 4, 0.0), (5, 4, 0.7)]
+    for r in report["tree_results"]:
+        assert 1.0 <= r["accept_len"] <= r["k"] + 1
     table = format_table(report)
-    assert "| 2 |" in table and "tree" in table
+    assert "| 2 |" in table and "tree depth 5, topk 4" in table
 
 
 # ---- bad inputs ----------------------------------------------------------------------------

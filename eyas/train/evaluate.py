@@ -15,14 +15,15 @@ from typing import Optional, Sequence
 
 from eyas.errors import InvalidRequestError
 
-TREE_NOTE = "tree drafting (topk > 1) is not available in the engine yet: skipped"
+DEFAULT_TREES = ((5, 4, 8),)  # (depth, topk, draft tokens): DESIGN.md's bench default
 
 
 def evaluate_drafter(target: str, draft: str, prompts: str, max_tokens: int = 128,
                      chains: Sequence[int] = (1, 2, 3, 4, 5, 6),
                      temperatures: Sequence[float] = (0.0, 0.7), seed: int = 0,
                      max_prompts: Optional[int] = None, device: str = "auto",
-                     dtype: str = "auto", progress: bool = True, **engine_kwargs) -> dict:
+                     dtype: str = "auto", progress: bool = True,
+                     trees: Sequence[tuple[int, int, int]] = DEFAULT_TREES, **engine_kwargs) -> dict:
     """Run the engine with the drafter at each chain length and temperature; returns
     {"results": [{"k", "temperature", "accept_len", "tokens", "target_steps", "tok_s"}], ...}."""
     from eyas.core import SamplingParams
@@ -34,10 +35,11 @@ def evaluate_drafter(target: str, draft: str, prompts: str, max_tokens: int = 12
         raise InvalidRequestError("max_tokens", f"must be >= 1, got {max_tokens}")
     requests = [{"prompt": s.prompt} if s.prompt is not None else {"messages": s.messages}
                 for s in specs]
-    results = []
-    for k in chains:
-        llm = LLM(model=target, draft=draft, spec_steps=k, device=device, dtype=dtype,
-                  **engine_kwargs)
+    results, tree_results = [], []
+    settings = [(k, 1, k, results) for k in chains] + [(*t, tree_results) for t in trees]
+    for k, topk, draft_tokens, rows in settings:
+        llm = LLM(model=target, draft=draft, spec_steps=k, spec_topk=topk,
+                  spec_draft_tokens=draft_tokens, device=device, dtype=dtype, **engine_kwargs)
         for temp in temperatures:
             params = [SamplingParams(max_tokens=max_tokens, temperature=temp,
                                      seed=seed + i if temp > 0 else None)
@@ -50,14 +52,16 @@ def evaluate_drafter(target: str, draft: str, prompts: str, max_tokens: int = 12
             row = {"k": k, "temperature": temp, "accept_len": round(tokens / max(steps, 1), 3),
                    "tokens": tokens, "target_steps": steps,
                    "tok_s": round(tokens / max(elapsed, 1e-9), 1)}
-            results.append(row)
+            if topk > 1:
+                row.update(topk=topk, draft_tokens=draft_tokens)
+            rows.append(row)
             if progress:
-                print(f"K={k} T={temp}: accept length {row['accept_len']:.3f} "
+                print(f"K={k} topk={topk} T={temp}: accept length {row['accept_len']:.3f} "
                       f"({tokens} tokens / {steps} target steps, {row['tok_s']} tok/s)",
                       file=sys.stderr, flush=True)
         del llm
     return {"target": target, "draft": draft, "prompts": len(specs), "max_tokens": max_tokens,
-            "results": results, "tree": TREE_NOTE}
+            "results": results, "tree_results": tree_results}
 
 
 def format_table(report: dict) -> str:
@@ -71,7 +75,9 @@ def format_table(report: dict) -> str:
     for k in ks:
         cells = [f"{by[(k, t)]['accept_len']:.3f}" if (k, t) in by else "-" for t in temps]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines.append(f"tree: {report['tree']}")
+    for r in report.get("tree_results", []):
+        lines.append(f"tree depth {r['k']}, topk {r['topk']}, {r['draft_tokens']} draft tokens, "
+                     f"T={r['temperature']:g}: accept length {r['accept_len']:.3f}")
     return "\n".join(lines)
 
 
