@@ -47,12 +47,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     values = v_cache.view(-1, num_kv_heads, v_cache.shape[3])[batch.kv_slots]
     q_pad = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[batch.q_index]  # [B, Qmax, Hq, D]
     num_heads = q.shape[1]
-    if num_heads != num_kv_heads:  # GQA: [B, Kmax, Hkv, D] -> [B, Kmax, Hq, D]
-        rep = num_heads // num_kv_heads
-        keys = keys.repeat_interleave(rep, dim=2)
-        values = values.repeat_interleave(rep, dim=2)
+    # GQA without copying K/V: each group of Hq / Hkv query heads shares one KV head.
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2),
-        attn_mask=batch.mask, scale=scale)  # [B, Hq, Qmax, Dv]
+        attn_mask=batch.mask, scale=scale, enable_gqa=num_heads != num_kv_heads)  # [B, Hq, Qmax, Dv]
     out = out.transpose(1, 2).reshape(-1, num_heads, out.shape[-1])  # [B * Qmax, Hq, Dv]
     return out[batch.out_index]
