@@ -15,7 +15,7 @@ from eyas.detok import IncrementalDetokenizer
 from eyas.errors import ConfigError, InvalidRequestError
 from eyas.hub import eos_token_ids, load_tokenizer, resolve_model
 from eyas.kv.allocator import BlockAllocator
-from eyas.kv.cache import KVLayout, allocate_kv, num_blocks_for
+from eyas.kv.cache import KVLayout, allocate_kv, available_memory, num_blocks_for
 from eyas.layers.linear import add_transposed_weights
 from eyas.layers.sampler import sample
 from eyas.models.loader import load_model
@@ -96,7 +96,7 @@ class LLMEngine:
             layouts.append(KVLayout(self.drafter.num_kv_heads, self.drafter.head_dim, 1))
         memory = config.kv_cache_memory
         if memory == "auto":
-            memory = 0.8 if self.device.type == "cuda" else min(2 * 2**30, 0.25 * _avail(self.device))
+            memory = 0.8 if self.device.type == "cuda" else min(2 * 2**30, 0.25 * available_memory(self.device))
         if config.num_kv_blocks is not None:
             memory = config.num_kv_blocks * sum(l.bytes_per_block(config.block_size, self.dtype) for l in layouts)
         self.num_blocks = num_blocks_for(memory, layouts, config.block_size, self.dtype, self.device,
@@ -283,8 +283,3 @@ class LLMEngine:
         steps = max(seq.target_steps, 1)
         return SpecStats(seq.spec_drafted, seq.spec_accepted, seq.target_steps, seq.num_output_tokens / steps)
 
-
-def _avail(device: torch.device) -> int:
-    from eyas.kv.cache import available_memory
-
-    return available_memory(device)

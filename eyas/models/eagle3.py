@@ -41,7 +41,7 @@ from eyas.layers.norm import RMSNorm
 from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
 from eyas.models.llama import LlamaMLP
 from eyas.models.loader import iter_safetensors
-from eyas.models.weights import load_one, missing_shards
+from eyas.models.weights import LLAMA_PACKED_MODULES, load_one, missing_shards
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 # vLLM's alias, and what the original EAGLE trainer writes (SGLang overrides it by flag).
@@ -168,14 +168,7 @@ class Eagle3Midlayer(nn.Module):
 
 
 class Eagle3Drafter(nn.Module):
-    # checkpoint module name -> (our fused module name, shard id)
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = LLAMA_PACKED_MODULES
 
     def __init__(self, config: dict, dtype: torch.dtype = torch.float32,
                  max_position: Optional[int] = None):

@@ -18,7 +18,7 @@ from eyas.layers.attention import AttentionBatch, paged_attention
 from eyas.layers.linear import LMHead, MergedColumnLinear, QKVLinear, RowLinear, VocabEmbedding
 from eyas.layers.norm import RMSNorm
 from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
-from eyas.models.weights import load_one, missing_shards
+from eyas.models.weights import LLAMA_PACKED_MODULES, load_one, missing_shards
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [num_blocks, block_size, Hkv, D]
 
@@ -144,14 +144,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # checkpoint module name -> (our fused module name, shard id)
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = LLAMA_PACKED_MODULES
 
     def __init__(self, config: Any, dtype: torch.dtype = torch.float32):
         super().__init__()

@@ -11,6 +11,15 @@ from eyas.layers.linear import default_weight_loader
 
 PackedMapping = dict[str, tuple[str, object]]  # checkpoint module name -> (fused name, shard id)
 
+# Llama-style checkpoints (targets and EAGLE-3 drafters): q/k/v -> qkv_proj, gate/up -> gate_up_proj
+LLAMA_PACKED_MODULES: PackedMapping = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
 
 def load_one(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
              packed: PackedMapping, what: str) -> Optional[tuple[str, object]]:
