@@ -56,7 +56,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     eager: Optional[bool] = None  # None: compile on GPU, eager on CPU
     num_threads: Optional[int] = None  # CPU intra-op threads (None: torch default)
-    transposed_weights: Optional[bool] = None  # extra [in, out] weight copy for batch-1 CPU decode (None: on for CPU)
+    packed_weights: Optional[bool] = None  # oneDNN-packed weight copies for CPU matmuls (None: on for CPU fp32)
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
 

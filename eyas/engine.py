@@ -16,7 +16,7 @@ from eyas.errors import ConfigError, InvalidRequestError
 from eyas.hub import eos_token_ids, load_tokenizer, resolve_model
 from eyas.kv.allocator import BlockAllocator
 from eyas.kv.cache import KVLayout, allocate_kv, available_memory, num_blocks_for
-from eyas.layers.linear import add_transposed_weights
+from eyas.layers.linear import can_pack_weights, pack_linear_weights
 from eyas.layers.sampler import sample
 from eyas.models.loader import load_model
 from eyas.scheduler import Scheduler
@@ -70,9 +70,6 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(folder)
         self.eos_token_ids = tuple(eos_token_ids(folder))
         self.model = load_model(folder, dtype=self.dtype, device=self.device)
-        use_t = config.transposed_weights
-        if use_t if use_t is not None else self.device.type == "cpu":
-            add_transposed_weights(self.model)
         max_pos = self.model.arch.max_position
         self.max_model_len = config.max_model_len or min(max_pos, 4096)
         if self.max_model_len > max_pos:
@@ -119,6 +116,11 @@ class LLMEngine:
             proposer = Eagle3Proposer(self.drafter, self.model, draft_kv, config.block_size, self.device,
                                       steps=spec.steps, topk=spec.topk, num_paged_blocks=self.num_blocks)
             self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux)
+        pack = config.packed_weights
+        if pack if pack is not None else can_pack_weights(self.device, self.dtype):
+            for m in (self.model, self.drafter):
+                if m is not None:
+                    pack_linear_weights(m)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         self.requests: dict[str, Request] = {}

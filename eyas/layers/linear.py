@@ -63,9 +63,9 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        return small_batch_linear(x, self.weight, self.bias, self.weight_t)
+        return linear(x, self.weight, self.bias, self.weight_packed)
 
-    weight_t = None  # optional [in, out] copy for small-batch CPU matmuls; see add_transposed_weights
+    weight_packed = None  # optional oneDNN-packed copy of weight for CPU; see pack_linear_weights
 
 
 class ReplicatedLinear(LinearBase):
@@ -170,7 +170,7 @@ class RowLinear(LinearBase):
         _copy_checked(param.data, loaded_weight.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in_local] -> [T, out] (partial)
-        return F.linear(x, self.weight, self.bias if self.add_bias else None)
+        return linear(x, self.weight, self.bias if self.add_bias else None, self.weight_packed)
 
 
 class VocabEmbedding(nn.Module):
@@ -222,36 +222,38 @@ class LMHead(VocabEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V_local]
-        return small_batch_linear(hidden, self.weight, None, self.weight_t)
+        return linear(hidden, self.weight, None, self.weight_packed)
 
-    weight_t = None
-
-
-SMALL_BATCH_ROWS = 2
+    weight_packed = None
 
 
-def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias, weight_t) -> torch.Tensor:
-    """x @ W.T (+ b). With at most SMALL_BATCH_ROWS rows and an [in, out] copy of W, multiply
-    by the copy: on x86 CPUs (MKL) the [1, in] x [in, out] product streams the weights about
-    1.6x faster than [1, in] x [out, in]^T, and weight reads are the whole cost of a decode step.
-    """
-    if weight_t is not None and x.shape[0] <= SMALL_BATCH_ROWS:
-        y = torch.mm(x, weight_t)
-        return y if bias is None else y + bias
+def linear(x: torch.Tensor, weight: torch.Tensor, bias, weight_packed) -> torch.Tensor:
+    """x @ W.T (+ b), through the oneDNN-packed copy of W when there is one."""
+    if weight_packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight_packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-def add_transposed_weights(model: nn.Module) -> int:
-    """Give every linear layer and LM head an [in, out] weight copy; returns bytes added.
+def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
-    Costs one extra copy of the linear weights in memory; worth it on a CPU where batch-1
-    decoding is bound by weight reads. Call after loading weights.
+
+def pack_linear_weights(model: nn.Module, batch_hint: int = 16) -> int:
+    """Give every linear layer and LM head a oneDNN-packed weight copy; returns bytes added.
+
+    On x86 CPUs oneDNN's blocked layout runs the small-M products of decoding and verifying
+    2-3x faster than MKL on the plain [out, in] weight (M=6 rows: 78 vs 31 GFLOP/s for the
+    576x3072 gate_up of SmolLM2; a 49k-row LM head at M=6 in 6 ms instead of 21 ms; measured
+    on this project's 2-core EPYC). Inference only: the packed copy has no autograd and does
+    not follow later in-place changes to `weight`, so call it once all weights are final.
     """
     added = 0
     for module in model.modules():
         if isinstance(module, (LinearBase, LMHead)):
-            module.weight_t = module.weight.detach().t().contiguous()
-            added += module.weight_t.numel() * module.weight_t.element_size()
+            w = module.weight.detach()
+            module.weight_packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+            added += w.numel() * w.element_size()
     return added
 
 
