@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     from eyas.train.evaluate import add_eval_parser
 
     add_train_parser(sub)
+    from eyas.bench.cli_bench import add_bench_parser
+    add_bench_parser(sub)
     add_eval_parser(sub)
+    from eyas.serve.cli_serve import add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

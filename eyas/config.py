@@ -19,7 +19,7 @@ class SpecConfig:
     steps: int = 5
     topk: int = 1
     draft_tokens: int = 8  # tree budget (topk > 1)
-    policy: str = "fixed"
+    policy: str = "adaptive"  # adaptive: the controller picks 0..steps per step (spec/controller.py)
 
     def __post_init__(self):
         if self.steps < 1:

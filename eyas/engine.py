@@ -115,7 +115,13 @@ class LLMEngine:
             self.runner.aux_layer_ids = self.drafter.aux_layers_for(self.model.num_layers)
             proposer = Eagle3Proposer(self.drafter, self.model, draft_kv, config.block_size, self.device,
                                       steps=spec.steps, topk=spec.topk, num_paged_blocks=self.num_blocks)
-            self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux)
+            controller = None
+            if spec.policy == "adaptive":
+                from eyas.spec.controller import ControllerConfig, SpecController
+
+                controller = SpecController(ControllerConfig(spec.num_draft_tokens, tree=spec.topk > 1))
+            self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux,
+                                    controller=controller)
         pack = config.packed_weights
         if pack if pack is not None else can_pack_weights(self.device, self.dtype):
             for m in (self.model, self.drafter):

@@ -80,7 +80,7 @@ def test_abort_mid_speculation_frees_blocks(tiny_engine_factory, tiny_drafter_pa
 
 
 def test_spec_stats_reported(tiny_engine_factory, tiny_drafter_path):
-    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=2)
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=2, spec_policy="fixed")
     engine.add_request("x", PROMPTS[0], PARAMS)
     final = None
     while engine.has_unfinished():

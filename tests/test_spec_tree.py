@@ -31,6 +31,7 @@ def plain(tiny_engine_factory):
 
 
 def tree_engine(factory, drafter, steps, topk, n, **kw):
+    kw.setdefault("spec_policy", "fixed")  # the stats below count every step's full tree
     return factory(draft=str(drafter), spec_steps=steps, spec_topk=topk, spec_draft_tokens=n, **kw)
 
 

@@ -14,12 +14,14 @@ every layer, and the features of rows [root, i_1+1, .., i_a+1] go to the drafter
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from eyas.core import RequestOutput
 from eyas.layers.sampler import sample
+from eyas.spec.controller import SpecController
 from eyas.spec.proposer import Draft, Proposer
 from eyas.spec.tree import TreeDraft, move_kv
 from eyas.spec.verify import accept_chain, accept_tree
@@ -31,15 +33,20 @@ if TYPE_CHECKING:
 
 class SpecDecoder:
     def __init__(self, engine: "LLMEngine", proposer: Proposer, num_steps: int,
-                 fuse_features=None):
+                 fuse_features=None, controller: Optional[SpecController] = None):
         self.engine = engine
         self.proposer = proposer
-        self.num_steps = num_steps  # draft tokens verified per sequence (the scheduler's lookahead)
+        self.num_steps = num_steps  # max draft tokens verified per sequence (the KV lookahead)
         self.fuse_features = fuse_features  # aux list -> [T, H], or None (proposer needs none)
+        self.controller = controller  # picks the draft length per step; None: always num_steps
 
     def step(self) -> list[RequestOutput]:
         eng = self.engine
-        plan = eng.scheduler.schedule(lookahead=self.num_steps)
+        start = time.perf_counter()
+        k = self.num_steps
+        if self.controller is not None:
+            k = self.controller.choose(len(eng.scheduler.running))
+        plan = eng.scheduler.schedule(lookahead=k)
         for seq in plan.preempted:
             self.proposer.drop(seq)
         if not plan:
@@ -136,4 +143,16 @@ class SpecDecoder:
                 continue
             eng.allocator.truncate(seq, len(seq))
             eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq))
+        if self.controller is not None:
+            self._record(items, drafts, accepted, k, start)
         return outputs
+
+    def _record(self, items, drafts: dict, accepted: dict, k: int, start: float) -> None:
+        """Feed the controller this step's acceptance and, for pure decode steps, its time."""
+        for i in drafts:
+            self.controller.record_accept(len(drafts[i].tokens), len(accepted[i]) - 1)
+        if all(it.num_new_tokens == 1 for it in items) and all(
+                it.num_draft_tokens == k for it in items):
+            if self.engine.device.type == "cuda":
+                torch.cuda.synchronize(self.engine.device)
+            self.controller.record_time(len(items), k, time.perf_counter() - start)

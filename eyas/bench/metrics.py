@@ -1,0 +1,64 @@
+"""Per-request timings and the record one (mode, concurrency) level reports.
+
+Definitions (times from time.perf_counter, per level):
+- ttft_ms: mean over requests of (first output token - submit).
+- tpot_ms: mean over requests of (finish - first token) / (output tokens - 1); None when N = 1.
+- output_tok_s: all output tokens / wall_s, where wall_s runs from the first submit to the last finish.
+- accept_len: all output tokens / all target forward steps (1.0 without speculation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Optional
+
+
+@dataclass
+class RequestTiming:
+    """One request's clock. target_steps = target forward steps that produced its tokens."""
+
+    submit: float
+    first_token: Optional[float] = None
+    finish: Optional[float] = None
+    output_tokens: int = 0
+    target_steps: int = 0
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """What one closed-loop level measured."""
+
+    mode: str
+    concurrency: int
+    timings: tuple[RequestTiming, ...]
+    wall_s: float
+    extra: dict = field(default_factory=dict)  # e.g. preemptions, spec settings
+
+
+def _round(x: Optional[float], digits: int) -> Optional[float]:
+    return None if x is None else round(x, digits)
+
+
+def level_record(level: LevelResult, input_len: int, output_len: int) -> dict:
+    """The JSON record of one level; speedup_vs_nospec is filled in later (report.fill_speedups)."""
+    ts = level.timings
+    tokens = sum(t.output_tokens for t in ts)
+    steps = sum(t.target_steps for t in ts)
+    ttft = mean(t.first_token - t.submit for t in ts) if ts else None
+    per_token = [(t.finish - t.first_token) / (t.output_tokens - 1) for t in ts if t.output_tokens > 1]
+    rec = {
+        "mode": level.mode,
+        "concurrency": level.concurrency,
+        "num_prompts": len(ts),
+        "input_len": input_len,
+        "output_len": output_len,
+        "output_tokens": tokens,
+        "wall_s": round(level.wall_s, 4),
+        "output_tok_s": round(tokens / level.wall_s, 3) if level.wall_s > 0 else None,
+        "speedup_vs_nospec": None,
+        "accept_len": round(tokens / steps, 4) if steps else None,
+        "tpot_ms": _round(mean(per_token) * 1000 if per_token else None, 3),
+        "ttft_ms": _round(ttft * 1000 if ttft is not None else None, 3),
+    }
+    rec.update(level.extra)
+    return rec

@@ -1,0 +1,94 @@
+"""Closed-loop clients against one LLMEngine: keep `concurrency` requests in flight; each time one
+finishes, submit the next, until every prompt of the level has finished."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Optional, Sequence
+
+from eyas.bench.metrics import LevelResult, RequestTiming
+from eyas.core import SamplingParams
+from eyas.errors import EyasError
+
+
+def sampling_for(index: int, output_len: int, temperature: float) -> SamplingParams:
+    """Exactly output_len tokens (EOS ignored); sampled requests get seed = their index, so every
+    mode draws from the same per-request generator."""
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=temperature,
+                          seed=index if temperature > 0 else None)
+
+
+def run_closed_loop(engine, prompts: Sequence[list[int]], concurrency: int, output_len: int,
+                    temperature: float = 0.0, tag: str = "", progress: Optional[bool] = None,
+                    desc: str = "") -> tuple[list[RequestTiming], float]:
+    """Run `prompts` through `engine` with at most `concurrency` in flight.
+
+    Returns (timings in prompt order, wall seconds from the first submit to the last finish).
+    Raises EyasError if a request ends early or with an error: a bench must not count short
+    requests.
+    """
+    from tqdm import tqdm
+
+    pending = deque(enumerate(prompts))
+    timings: dict[str, RequestTiming] = {}
+    order: list[str] = []
+    in_flight = 0
+    # progress None: a bar only when stderr is a terminal
+    bar = tqdm(total=len(prompts), desc=desc, unit="req", leave=False,
+               disable=None if progress is None else not progress)
+
+    def submit() -> None:
+        nonlocal in_flight
+        i, ids = pending.popleft()
+        rid = f"{tag}{i}"
+        order.append(rid)
+        timings[rid] = RequestTiming(submit=time.perf_counter())
+        engine.add_request(rid, None, sampling_for(i, output_len, temperature), prompt_token_ids=ids)
+        in_flight += 1
+
+    start = time.perf_counter()
+    try:
+        while pending and in_flight < concurrency:
+            submit()
+        while in_flight:
+            outputs = engine.step()
+            now = time.perf_counter()
+            if not outputs and not engine.has_unfinished():
+                raise EyasError(f"bench: the engine went idle with {in_flight} requests unfinished")
+            for out in outputs:
+                t = timings[out.id]
+                if out.token_ids_delta and t.first_token is None:
+                    t.first_token = now
+                if not out.finished:
+                    continue
+                if out.error or out.finish_reason != "length" or len(out.token_ids) != output_len:
+                    raise EyasError(f"bench: request {out.id} ended with {out.finish_reason} after "
+                                    f"{len(out.token_ids)} of {output_len} tokens ({out.error or 'no error'})")
+                t.finish = now
+                t.output_tokens = len(out.token_ids)
+                t.target_steps = out.spec.target_steps if out.spec is not None else len(out.token_ids)
+                in_flight -= 1
+                bar.update(1)
+            while pending and in_flight < concurrency:
+                submit()
+        wall = time.perf_counter() - start
+    finally:
+        bar.close()
+    return [timings[rid] for rid in order], wall
+
+
+def run_level(engine, mode: str, prompts: Sequence[list[int]], concurrency: int, output_len: int,
+              temperature: float = 0.0, progress: Optional[bool] = None, extra: Optional[dict] = None) -> LevelResult:
+    """One (mode, concurrency) level on a built engine; adds the preemptions it caused to `extra`."""
+    before = engine.scheduler.num_preemptions
+    timings, wall = run_closed_loop(engine, prompts, concurrency, output_len, temperature,
+                                    tag=f"c{concurrency}-", progress=progress, desc=f"{mode} c={concurrency}")
+    info = dict(extra or {})
+    info["preemptions"] = engine.scheduler.num_preemptions - before
+    return LevelResult(mode, concurrency, tuple(timings), wall, info)
+
+
+def warm_up(engine, prompts: Sequence[list[int]], output_len: int) -> None:
+    """A few untimed requests (all at once, up to 16 tokens each) before the sweep."""
+    if prompts:
+        run_closed_loop(engine, prompts, len(prompts), min(output_len, 16), tag="warmup-", progress=False)

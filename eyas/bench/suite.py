@@ -1,0 +1,132 @@
+"""run_bench: every mode over the concurrency sweep, one engine per mode, outputs written as it goes.
+
+Prompt plan: level k (in --concurrency order) uses the next prompts_at(c) prompts of the fixed set,
+so no prompt repeats inside an engine (prefix-cache hits are only the shared template prefix);
+the warm-up requests use prompts after all of those. Every mode (and the hf peer) gets exactly
+the same ids in the same order.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from eyas.bench.metrics import level_record
+from eyas.bench.modes import engine_config_for, spec_summary
+from eyas.bench.report import build_meta, default_out_dir, fill_speedups, markdown_table, write_meta, write_results
+from eyas.bench.settings import BenchConfig, check_fits
+
+log = logging.getLogger("eyas")
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _plan(bench: BenchConfig, prompt_ids: list[list[int]]) -> tuple[dict[int, list[list[int]]], list[list[int]]]:
+    """(prompts per concurrency level, warm-up prompts)."""
+    levels, at = {}, 0
+    for c in bench.concurrency:
+        levels[c] = prompt_ids[at:at + bench.prompts_at(c)]
+        at += bench.prompts_at(c)
+    return levels, prompt_ids[at:at + bench.warmup]
+
+
+def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress) -> None:
+    from eyas.bench.runner import run_level, warm_up
+    from eyas.engine import LLMEngine
+
+    cfg = engine_config_for(mode, config, max(bench.concurrency))
+    engine = LLMEngine(cfg)
+    try:
+        check_fits(engine.max_model_len, bench.input_len, bench.output_len)
+        warm_up(engine, warmup, bench.output_len)
+        for c, prompts in levels.items():
+            level = run_level(engine, mode, prompts, c, bench.output_len, bench.temperature,
+                              progress=progress, extra=spec_summary(cfg))
+            _add(records, level_record(level, bench.input_len, bench.output_len), out)
+    finally:
+        del engine  # the next mode's engine needs the memory
+        _free_memory()
+
+
+def _run_hf(config, bench, levels, warmup, records, out, progress) -> None:
+    from eyas.bench.hf_peer import load_hf_model, run_hf_level, warm_up_hf
+    from eyas.engine import resolve_device, resolve_dtype
+    from eyas.hub import eos_token_ids, resolve_model
+
+    device = resolve_device(config.device)
+    model = load_hf_model(config.model, device, resolve_dtype(config.dtype, device))
+    eos = (eos_token_ids(resolve_model(config.model)) or (0,))[0]
+    try:
+        warm_up_hf(model, warmup, bench.output_len, eos)
+        for c, prompts in levels.items():
+            level = run_hf_level(model, prompts, c, bench.output_len, bench.temperature, eos, progress)
+            _add(records, level_record(level, bench.input_len, bench.output_len), out)
+    finally:
+        del model
+        _free_memory()
+
+
+def _add(records: list[dict], record: dict, out: Path) -> None:
+    records.append(record)
+    fill_speedups(records)
+    write_results(out, records)
+    log.info("bench %s c=%d: %.1f tok/s, accept_len %s", record["mode"], record["concurrency"],
+             record["output_tok_s"] or 0.0, record["accept_len"])
+
+
+def run_bench(config, bench: Optional[BenchConfig] = None, *, out_dir: Optional[str | Path] = None,
+              command: Optional[str] = None, progress: Optional[bool] = None, **overrides) -> list[dict]:
+    """Run the bench for an EngineConfig and return the records (also written under out_dir).
+
+    bench: a BenchConfig (keyword `overrides` replace its fields, e.g. concurrency=(1, 4)).
+    out_dir: default bench/results/<timestamp>. progress: tqdm bars (None: only on a terminal).
+    Raises InvalidRequestError for bad settings before any engine is built where it can.
+    """
+    import dataclasses
+
+    from eyas.bench.plot import write_plot
+    from eyas.engine import resolve_device
+    from eyas.hub import load_tokenizer, resolve_model
+
+    bench = dataclasses.replace(bench or BenchConfig(), **overrides)
+    on_gpu = resolve_device(config.device).type == "cuda"
+    if bench.modes is None and not config.spec.enabled:
+        log.warning("bench: no --draft given, so only nospec runs")
+    bench = bench.resolved(has_draft=config.spec.enabled, on_gpu=on_gpu)
+    if config.max_model_len is not None:
+        check_fits(config.max_model_len, bench.input_len, bench.output_len)
+    out = Path(out_dir) if out_dir is not None else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:  # the engines would set it anyway; meta.json and the hf peer see it too
+        import torch
+
+        torch.set_num_threads(config.num_threads)
+
+    from eyas.bench.prompts import build_prompt_ids
+
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    total = sum(bench.prompts_at(c) for c in bench.concurrency) + bench.warmup
+    levels, warmup = _plan(bench, build_prompt_ids(tokenizer, total, bench.input_len))
+    started = time.time()
+    meta = build_meta(config, bench, command, out_dir=str(out))
+    write_meta(out, meta)
+
+    records: list[dict] = []
+    for mode in bench.modes:
+        _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress)
+    if "hf" in bench.peers:
+        _run_hf(config, bench, levels, warmup, records, out, progress)
+    write_plot(out / "results.png", records, title=f"{Path(str(config.model)).name}, "
+                                                    f"{bench.input_len} in / {bench.output_len} out")
+    meta["total_s"] = round(time.time() - started, 2)
+    write_meta(out, meta)
+    log.info("bench results in %s\n%s", out, markdown_table(records))
+    return records

@@ -1,0 +1,250 @@
+"""`eyas bench`: end to end on the tiny random model (nospec, chain, adaptive and the hf peer),
+the records' contract, the four output files, fixed-length prompts and clear errors for bad flags."""
+import json
+
+import pytest
+
+from eyas.bench import BenchConfig, run_bench
+from eyas.bench.prompts import build_prompt_ids
+from eyas.bench.settings import parse_int_list
+from eyas.cli import main
+from eyas.config import EngineConfig
+from eyas.errors import EyasError, InvalidRequestError
+
+REQUIRED = {"mode", "concurrency", "output_tok_s", "speedup_vs_nospec", "accept_len", "tpot_ms", "ttft_ms",
+            "num_prompts", "input_len", "output_len", "wall_s"}
+IN_LEN, OUT_LEN, PROMPTS = 40, 6, 3
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """The bench engines run single-threaded (tiny matmuls stall on a shared 2-core machine with
+    two OpenMP threads); give the rest of the suite its thread count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(model, draft=None, **kw) -> EngineConfig:
+    kw = {"block_size": 4, "kv_cache_memory": "32MiB", "max_model_len": 128, "eager": True, "num_threads": 1, **kw}
+    return EngineConfig(model=str(model)).replace(draft=str(draft) if draft else None, **kw)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, tiny_llama_path, tiny_drafter_path):
+    out = tmp_path_factory.mktemp("bench")
+    records = run_bench(tiny_config(tiny_llama_path, tiny_drafter_path, spec_steps=3),
+                        BenchConfig(modes=("nospec", "chain", "adaptive"), concurrency=(1, 2), input_len=IN_LEN,
+                                    output_len=OUT_LEN, num_prompts=PROMPTS, peers=("hf",), warmup=1),
+                        out_dir=out, progress=False)
+    return out, records
+
+
+def test_writes_all_outputs(bench_run):
+    out, records = bench_run
+    assert json.loads((out / "results.json").read_text()) == records
+    assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    table = (out / "results.md").read_text()
+    assert table.startswith("| mode | concurrency | output tok/s | speedup vs nospec")
+    assert len(table.strip().splitlines()) == 2 + len(records)
+    meta = json.loads((out / "meta.json").read_text())
+    assert {"date", "machine", "versions", "command", "engine_config", "bench_config"} <= set(meta)
+    assert meta["versions"]["eyas"] and meta["versions"]["torch"] and meta["machine"]["cpu"]
+    assert meta["bench_config"]["modes"] == ["nospec", "chain", "adaptive"]
+
+
+def test_records_contract(bench_run):
+    _, records = bench_run
+    assert [(r["mode"], r["concurrency"]) for r in records] == [
+        (m, c) for m in ("nospec", "chain", "adaptive", "hf") for c in (1, 2)]
+    for r in records:
+        assert REQUIRED <= set(r), r
+        assert r["num_prompts"] == PROMPTS and r["input_len"] == IN_LEN and r["output_len"] == OUT_LEN
+        assert r["output_tokens"] == PROMPTS * OUT_LEN  # exactly N tokens per request
+        assert r["output_tok_s"] > 0 and r["wall_s"] > 0
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0
+        assert r["speedup_vs_nospec"] == pytest.approx(r["output_tok_s"] / next(
+            b["output_tok_s"] for b in records if b["mode"] == "nospec" and b["concurrency"] == r["concurrency"]),
+            abs=1e-3)
+        if r["mode"] in ("nospec", "hf"):
+            assert r["accept_len"] == 1.0
+        else:
+            assert 1.0 <= r["accept_len"] <= 4.0  # at most K + 1 = 4 tokens per target step
+            assert r["spec_steps"] == 3 and r["spec_topk"] == 1
+    nospec = [r for r in records if r["mode"] == "nospec"]
+    assert all(r["speedup_vs_nospec"] == 1.0 for r in nospec)
+    assert [r["spec_policy"] for r in records if r["mode"] in ("chain", "adaptive")] == \
+        ["fixed", "fixed", "adaptive", "adaptive"]
+
+
+def test_prompts_have_exact_length_and_are_stable(tiny_llama_path):
+    from eyas.hub import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_path)
+    for length in (1, 7, 40, 300):
+        ids = build_prompt_ids(tok, 50, length)  # 50 > the eval set: multi-turn lines included
+        assert all(len(x) == length for x in ids)
+        assert ids == build_prompt_ids(tok, 50, length)
+    long = build_prompt_ids(tok, 1, 300)[0]
+    assert tok.decode(long).rstrip().endswith("assistant")  # the generation prompt survives padding
+
+
+@pytest.mark.parametrize("kw, field, message", [
+    (dict(modes=("nospec", "beam")), "modes", "unknown mode 'beam'"),
+    (dict(modes=()), "modes", "at least one"),
+    (dict(concurrency=(1, 0)), "concurrency", ">= 1"),
+    (dict(concurrency=(4, 4)), "concurrency", "twice"),
+    (dict(input_len=0), "input_len", ">= 1"),
+    (dict(output_len=-3), "output_len", ">= 1"),
+    (dict(num_prompts=0), "num_prompts", ">= 1"),
+    (dict(temperature=-1.0), "temperature", ">= 0"),
+    (dict(peers=("vllm",)), "peer", "unknown peer"),
+])
+def test_bad_settings(kw, field, message):
+    with pytest.raises(InvalidRequestError) as e:
+        BenchConfig(**kw)
+    assert e.value.field == field and message in str(e.value)
+
+
+def test_bad_concurrency_text():
+    assert parse_int_list("concurrency", "1, 4,8") == (1, 4, 8)
+    with pytest.raises(InvalidRequestError, match="concurrency: expected comma-separated integers"):
+        parse_int_list("concurrency", "1,x")
+
+
+def test_spec_modes_need_a_draft(tmp_path, tiny_llama_path):
+    with pytest.raises(InvalidRequestError, match="'chain' needs a drafter"):
+        run_bench(tiny_config(tiny_llama_path), modes=("nospec", "chain"), out_dir=tmp_path)
+
+
+def test_lengths_must_fit_max_model_len(tmp_path, tiny_llama_path):
+    with pytest.raises(InvalidRequestError, match="exceeds max_model_len=128"):  # from the config, early
+        run_bench(tiny_config(tiny_llama_path), input_len=100, output_len=29, out_dir=tmp_path)
+    with pytest.raises(InvalidRequestError, match="exceeds max_model_len=512"):  # from the built engine
+        run_bench(tiny_config(tiny_llama_path, max_model_len=None), input_len=500, output_len=13,
+                  concurrency=(1,), out_dir=tmp_path)
+
+
+def test_cli_nospec_only_without_draft(capsys, caplog, tmp_path, tiny_llama_path):
+    code = main(["bench", "--model", str(tiny_llama_path), "--concurrency", "1,2", "--input-len", "16",
+                 "--output-len", "4", "--num-prompts", "2", "--warmup", "0", "--out", str(tmp_path),
+                 "--block-size", "4", "--kv-cache-memory", "32MiB", "--max-model-len", "64", "--eager",
+                 "--num-threads", "1"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "only nospec runs" in caplog.text
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["mode"], r["concurrency"]) for r in records] == [("nospec", 1), ("nospec", 2)]
+    assert "| nospec | 2 |" in out.out and str(tmp_path) in out.err
+    assert all((tmp_path / f).is_file() for f in ("results.json", "results.md", "results.png", "meta.json"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "nospec,bogus"], "unknown mode 'bogus'"),
+    (["--concurrency", "0,4"], "concurrency"),
+    (["--modes", "tree"], "needs a drafter"),
+    (["--input-len", "0"], "input_len"),
+])
+def test_cli_bad_flags(capsys, tmp_path, tiny_llama_path, argv, message):
+    code = main(["bench", "--model", str(tiny_llama_path), "--out", str(tmp_path), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eyas_error_is_base(tmp_path):
+    assert issubclass(InvalidRequestError, EyasError)
+
+
+class FakeEngine:
+    """One token per running request per step; records the most requests ever in flight."""
+
+    class scheduler:
+        num_preemptions = 0
+
+    def __init__(self, cap: int = 10**9):
+        self.cap = cap  # finish requests after this many tokens (an early stop)
+        self.running: dict[str, list] = {}
+        self.max_in_flight = 0
+        self.order: list[str] = []
+
+    def add_request(self, rid, prompt, params, prompt_token_ids):
+        self.running[rid] = [min(params.max_tokens, self.cap), []]
+        self.order.append(rid)
+        self.max_in_flight = max(self.max_in_flight, len(self.running))
+
+    def has_unfinished(self):
+        return bool(self.running)
+
+    def step(self):
+        from eyas.core import RequestOutput
+
+        outs = []
+        for rid, (n, toks) in list(self.running.items()):
+            toks.append(len(toks))
+            done = len(toks) == n
+            outs.append(RequestOutput(rid, "", list(toks), done, "length" if done else None, 1,
+                                      token_ids_delta=[toks[-1]]))
+            if done:
+                del self.running[rid]
+        return outs
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 8])
+def test_closed_loop_keeps_concurrency_in_flight(concurrency):
+    from eyas.bench.runner import run_closed_loop
+
+    engine = FakeEngine()
+    timings, wall = run_closed_loop(engine, [[1, 2]] * 7, concurrency, output_len=4, tag="t", progress=False)
+    assert engine.max_in_flight == min(concurrency, 7)
+    assert engine.order == [f"t{i}" for i in range(7)]
+    assert len(timings) == 7 and wall > 0
+    for t in timings:
+        assert t.submit <= t.first_token <= t.finish and t.output_tokens == t.target_steps == 4
+
+
+def test_closed_loop_refuses_short_requests():
+    from eyas.bench.runner import run_closed_loop
+
+    engine = FakeEngine(cap=4)
+    with pytest.raises(EyasError, match="after 4 of 5 tokens"):
+        run_closed_loop(engine, [[1]], 1, output_len=5, progress=False)
+
+
+def test_partial_results_survive_an_interrupt(monkeypatch, tmp_path, tiny_llama_path):
+    import eyas.bench.runner as runner
+
+    real, calls = runner.run_level, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "run_level", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_config(tiny_llama_path), concurrency=(1, 2), input_len=8, output_len=3, num_prompts=2,
+                  warmup=0, out_dir=tmp_path, progress=False)
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["mode"], r["concurrency"]) for r in records] == [("nospec", 1)]
+    assert "| nospec | 1 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "meta.json").is_file()
+
+
+def test_mode_engine_configs():
+    from eyas.bench.modes import engine_config_for
+
+    base = EngineConfig(max_num_seqs=8).replace(draft="d", spec_steps=4, spec_policy="adaptive")
+    assert engine_config_for("nospec", base, 64).spec.draft is None
+    assert engine_config_for("nospec", base, 64).max_num_seqs == 64
+    assert engine_config_for("nospec", base, 2).max_num_seqs == 8
+    chain = engine_config_for("chain", base, 4).spec
+    assert (chain.draft, chain.steps, chain.topk, chain.policy) == ("d", 4, 1, "fixed")
+    tree = engine_config_for("tree", base, 4).spec
+    assert (tree.steps, tree.topk, tree.draft_tokens, tree.policy) == (4, 4, 8, "fixed")
+    tree = engine_config_for("tree", base.replace(spec_topk=2, spec_draft_tokens=6), 4).spec
+    assert (tree.topk, tree.draft_tokens) == (2, 6)
+    assert engine_config_for("adaptive", base.replace(spec_policy="fixed"), 4).spec.policy == "adaptive"
