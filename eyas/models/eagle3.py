@@ -36,12 +36,15 @@ from torch import nn
 
 from eyas.errors import ConfigError, ModelNotFoundError
 from eyas.layers.attention import AttentionBatch, paged_attention
+from eyas.layers.fp8 import is_fp8
 from eyas.layers.linear import LMHead, QKVLinear, ReplicatedLinear, RowLinear, VocabEmbedding
 from eyas.layers.norm import RMSNorm
 from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
 from eyas.models.llama import LlamaMLP
 from eyas.models.loader import iter_safetensors
 from eyas.models.weights import LLAMA_PACKED_MODULES, load_one, missing_shards
+from eyas.quant.apply import prepare_fp8_linears, use_fp8_linears
+from eyas.quant.config import quant_config_of
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 # vLLM's alias, and what the original EAGLE trainer writes (SGLang overrides it by flag).
@@ -197,6 +200,9 @@ class Eagle3Drafter(nn.Module):
         t2d = torch.zeros(arch.vocab_size, dtype=torch.bool)
         t2d[:arch.draft_vocab_size] = True
         self.register_buffer("t2d", t2d)  # with d2t = 0: draft id i is target id i
+        self.quant_config = quant_config_of(config)  # FP8 drafter (eyas quantize-draft)
+        if self.quant_config is not None:
+            use_fp8_linears(self, self.quant_config)
 
     # ---- compute -------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
@@ -303,6 +309,9 @@ class Eagle3Drafter(nn.Module):
             key = load_one(params, name, tensor, self.packed_modules_mapping, f"drafter weight {raw}")
             if key is None:
                 unexpected.append(raw)
+            elif is_fp8(tensor) and not is_fp8(params[key[0]]):
+                raise ConfigError(f"drafter weight {raw} is float8, but config.json's "
+                                  f"quantization_config does not quantize its layer")
             else:
                 loaded.add(key)
         if unexpected:
@@ -379,6 +388,8 @@ def load_drafter(folder: Union[str, Path], target_config: Any,
     with torch.device(device):
         drafter = Eagle3Drafter(config, dtype=dtype, max_position=max_position)
     drafter.load_weights(iter_safetensors(folder))
+    if drafter.quant_config is not None:
+        prepare_fp8_linears(drafter)  # scaled_mm on fp8 GPUs, else dequantize
     drafter.eval()
     drafter.requires_grad_(False)
     return drafter
