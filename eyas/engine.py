@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -15,7 +16,7 @@ from eyas.detok import IncrementalDetokenizer
 from eyas.errors import ConfigError, InvalidRequestError
 from eyas.hub import eos_token_ids, load_tokenizer, resolve_model
 from eyas.kv.allocator import BlockAllocator
-from eyas.kv.cache import KVLayout, allocate_kv, available_memory, num_blocks_for
+from eyas.kv.cache import KVLayout, allocate_kv, available_memory, kv_layout_for, num_blocks_for
 from eyas.layers.linear import can_pack_weights, pack_linear_weights
 from eyas.layers.sampler import sample
 from eyas.models.loader import load_model
@@ -39,6 +40,24 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but no GPU is available")
     return device
+
+
+def use_graphs(config: EngineConfig, device: torch.device) -> bool:
+    """Compiled decode/verify graphs: on by default on GPU, off on CPU; EYAS_EAGER=1 forces off."""
+    if os.environ.get("EYAS_EAGER") == "1":
+        return False
+    return not config.eager if config.eager is not None else device.type == "cuda"
+
+
+def step_widths(spec) -> list[int]:
+    """Tokens per sequence of the uniform steps this configuration runs (decode, verify)."""
+    if not spec.enabled:
+        return [1]
+    if spec.topk > 1:
+        return [1, spec.draft_tokens + 1]
+    if spec.policy == "adaptive":
+        return list(range(1, spec.steps + 2))
+    return [1, spec.steps + 1]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -83,7 +102,7 @@ class LLMEngine:
         self.spec = None  # a SpecDecoder when a draft is configured
         self.drafter = None
         lookahead = config.spec.num_draft_tokens + 1 if config.spec.enabled else 0
-        layouts = [KVLayout(self.model.num_kv_heads, self.model.head_dim, self.model.num_layers)]
+        layouts = [kv_layout_for(self.model)]  # model.kv_layout() if defined (MLA: latent)
         if config.spec.enabled:
             from eyas.models.eagle3 import load_drafter
 
@@ -99,7 +118,11 @@ class LLMEngine:
         self.num_blocks = num_blocks_for(memory, layouts, config.block_size, self.dtype, self.device,
                                          self.max_model_len, lookahead)
         self.allocator = BlockAllocator(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv_caches = allocate_kv(layouts[0], self.num_blocks, config.block_size, self.dtype, self.device)
+        self.compiled = use_graphs(config, self.device)
+        max_q = max(lookahead, 1)  # widest uniform step: verify of all drafts + the last token
+        pad_blocks = -(-max_q // config.block_size) if self.compiled else 0  # never allocated
+        self.kv_caches = allocate_kv(layouts[0], self.num_blocks + pad_blocks, config.block_size,
+                                     self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device)
         if self.drafter is not None:
             from eyas.spec.decoder import SpecDecoder
@@ -123,12 +146,18 @@ class LLMEngine:
             self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux,
                                     controller=controller)
         pack = config.packed_weights
-        if pack if pack is not None else can_pack_weights(self.device, self.dtype):
+        if pack if pack is not None else (can_pack_weights(self.device, self.dtype) and not self.compiled):
             for m in (self.model, self.drafter):
                 if m is not None:
                     pack_linear_weights(m)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
+        if self.compiled:
+            self.runner.enable_graphs(self.num_blocks * config.block_size, config.max_num_seqs,
+                                      max_q=max_q, backend=config.compile_backend)
+            if config.compile_warmup:
+                n = self.runner.warm_up(step_widths(config.spec), progress=True)
+                log.info("compiled %d step graphs", n)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0

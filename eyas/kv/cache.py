@@ -1,10 +1,15 @@
 """KV cache tensors and their sizing. Storage is [num_blocks, block_size, kv_heads, head_dim]
-per layer for K and for V; kernels view it as [num_blocks * block_size, kv_heads, head_dim]."""
+per layer for K and for V; kernels view it as [num_blocks * block_size, kv_heads, head_dim].
+
+A latent layout (MLA, DeepSeek-V3) stores K only: one "head" per token holding
+[kv_lora_rank latent | rope dims]; the layer's V is a view of the latent part of the same storage.
+"""
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,15 +55,45 @@ def available_memory(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of one attention layer's cache, per block."""
+    """Shape of one attention layer's cache, per block.
+
+    latent_dim > 0 marks a latent (MLA) cache: K only, per slot [num_kv_heads=1, head_dim] with
+    head_dim = latent_dim + rope dims; V is the view K[..., :latent_dim] (no storage of its own).
+    """
 
     num_kv_heads: int
     head_dim: int
     num_layers: int
+    latent_dim: int = 0
+
+    def __post_init__(self):
+        if min(self.num_kv_heads, self.head_dim, self.num_layers) < 1:
+            raise ConfigError(f"KV layout needs positive sizes, got {self}")
+        if self.latent_dim and not (self.num_kv_heads == 1 and 0 < self.latent_dim <= self.head_dim):
+            raise ConfigError(f"a latent KV layout has one head and latent_dim <= head_dim, got {self}")
+
+    @classmethod
+    def mla(cls, kv_lora_rank: int, rope_dim: int, num_layers: int) -> "KVLayout":
+        """Latent cache of multi-head latent attention: [latent | k_rope] per token."""
+        return cls(1, kv_lora_rank + rope_dim, num_layers, latent_dim=kv_lora_rank)
+
+    @property
+    def latent(self) -> bool:
+        return self.latent_dim > 0
 
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * elem
+        tensors = 1 if self.latent else 2  # a latent cache stores no V
+        return tensors * self.num_layers * block_size * self.num_kv_heads * self.head_dim * elem
+
+
+def kv_layout_for(model: Any) -> KVLayout:
+    """The target's cache layout: `model.kv_layout()` when the model defines it (MLA), else the
+    standard one from num_kv_heads / head_dim / num_layers (Llama family)."""
+    layout = getattr(model, "kv_layout", None)
+    if callable(layout):
+        return layout()
+    return KVLayout(model.num_kv_heads, model.head_dim, model.num_layers)
 
 
 def num_blocks_for(memory: str | float | int, layouts: list[KVLayout], block_size: int,
@@ -81,7 +116,22 @@ def num_blocks_for(memory: str | float | int, layouts: list[KVLayout], block_siz
 
 def allocate_kv(layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype,
                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair of [num_blocks, block_size, kv_heads, head_dim] tensors per layer."""
+    """One (K, V) pair of [num_blocks, block_size, kv_heads, head_dim] tensors per layer.
+
+    Latent layouts: K is [num_blocks, block_size, 1, head_dim] and V = K[..., :latent_dim], a view
+    of the same storage, so code that moves or copies (K, V) pairs keeps working unchanged.
+    """
     shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
+    if layout.latent:
+        caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        return [(c, c[..., :layout.latent_dim]) for c in caches]
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(layout.num_layers)]
+
+
+def block_size_one_view(cache: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, B, heads, D] -> [num_blocks * B, 1, heads, D]: the same storage as blocks of
+    one token, for kernels that want block size 1. Its block table is the slot list
+    (slot s = block * B + offset), so it reads exactly what the blocked view holds."""
+    num_blocks, block_size = cache.shape[:2]
+    return cache.view(num_blocks * block_size, 1, *cache.shape[2:])

@@ -261,6 +261,8 @@ def move_kv(kv_caches: Seq[tuple[torch.Tensor, torch.Tensor]], src: torch.Tensor
     if src.numel() == 0:
         return
     for k_cache, v_cache in kv_caches:
-        for cache in (k_cache, v_cache):
+        # a latent (MLA) layer's V is a view of its K: move that storage once, not twice
+        aliased = v_cache.data_ptr() == k_cache.data_ptr()
+        for cache in (k_cache,) if aliased else (k_cache, v_cache):
             flat = cache.view(-1, *cache.shape[2:])  # [N * B, Hkv, D]
             flat.index_copy_(0, dst, flat.index_select(0, src))

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence as Seq
+from typing import Optional, Sequence as Seq
 
 import torch
 
+from eyas.workers.graphs import GraphRunner, uniform_q
 from eyas.workers.input_batch import ForwardInputs, SeqSpan, build_forward_inputs
 
 
@@ -24,13 +25,36 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.aux_layer_ids = tuple(aux_layer_ids)
+        self.graphs: Optional[GraphRunner] = None  # compiled decode/verify steps (see enable_graphs)
+
+    def enable_graphs(self, pad_slot: int, max_batch: int, max_q: int = 1,
+                      backend: Optional[str] = None) -> GraphRunner:
+        """Run uniform-q steps (decode, verify) through compiled graphs; pad_slot must be a cache
+        slot that no sequence owns."""
+        self.graphs = GraphRunner(self.model.forward, self.kv_caches, self.device, pad_slot, max_batch,
+                                  max_q=max_q, backend=backend)
+        return self.graphs
 
     @torch.inference_mode()
     def forward(self, spans: Seq[SeqSpan]) -> ForwardResult:
         inputs = build_forward_inputs(spans, self.block_size, self.device)
-        hidden, aux = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches,
-                                 self.aux_layer_ids)
+        if self.graphs is not None and self.graphs.can_run(spans):
+            hidden, aux = self.graphs.run(inputs, uniform_q(spans), self.kv_caches, self.aux_layer_ids)
+        else:
+            hidden, aux = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches,
+                                     self.aux_layer_ids)
         return ForwardResult(hidden, aux, inputs)
+
+    def warm_up(self, q_sizes: Seq[int], progress: bool = False) -> int:
+        """Compile every batch bucket x q in q_sizes now (shortest key bucket); returns graphs."""
+        from tqdm import tqdm
+
+        graphs = self.graphs
+        pad_block = graphs.pad_slot // self.block_size
+        shapes = [(b, q) for b in graphs.buckets for q in q_sizes]
+        for b, q in tqdm(shapes, desc="compile", disable=not progress, leave=False):
+            self.forward([SeqSpan([0] * q, 0, [pad_block])] * b)
+        return len(shapes)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
