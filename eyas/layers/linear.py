@@ -7,12 +7,14 @@ the full checkpoint tensor, narrows it to this rank's shard, and copies it in pl
     row-parallel     (RowLinear): split the input dim 1 (bias is kept whole, added on rank 0)
     vocab-parallel   (VocabEmbedding, LMHead): split the vocab rows
 
-Only tp_size=1 runs today; the collectives (all-reduce after RowLinear and VocabEmbedding,
-gather after LMHead) belong to the caller that owns the process group.
+The layers know no process group. On tp > 1, RowLinear and VocabEmbedding take a `reduce`
+callable (the group's all-reduce, see eyas/distributed) that sums the ranks' partial outputs;
+LMHead returns this rank's vocab slice and the model gathers the ranks' logits. With
+reduce=None (tp=1, or a test that simulates ranks in one process) nothing extra runs.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from torch import nn
 from eyas.errors import ConfigError
 
 ShardId = Union[int, str, None]
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a partial output over the tp ranks
 
 
 def _divide(total: int, parts: int, what: str) -> int:
@@ -39,6 +42,16 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
 def _check_tp(tp_size: int, tp_rank: int) -> None:
     if tp_size < 1 or not 0 <= tp_rank < tp_size:
         raise ConfigError(f"bad tensor-parallel rank {tp_rank} of size {tp_size}")
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads each rank holds: num_kv_heads / tp, or 1 (replicated) when tp > num_kv_heads."""
+    if num_kv_heads >= tp_size:
+        return _divide(num_kv_heads, tp_size, "num_key_value_heads")
+    if tp_size % num_kv_heads:
+        raise ConfigError(f"tp_size={tp_size} is not a multiple of "
+                          f"num_key_value_heads={num_kv_heads}")
+    return 1
 
 
 class LinearBase(nn.Module):
@@ -126,15 +139,9 @@ class QKVLinear(ColumnLinear):
         _check_tp(tp_size, tp_rank)
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp_size, "num_attention_heads")
-        if num_kv_heads >= tp_size:
-            self.num_kv_heads = _divide(num_kv_heads, tp_size, "num_key_value_heads")
-            self.kv_shard = tp_rank
-        else:
-            if tp_size % num_kv_heads:
-                raise ConfigError(f"tp_size={tp_size} is not a multiple of "
-                                  f"num_key_value_heads={num_kv_heads}")
-            self.num_kv_heads = 1
-            self.kv_shard = tp_rank * num_kv_heads // tp_size
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp_size)
+        # kv head (group) of this rank's q heads; ranks that share one hold a copy of it
+        self.kv_shard = tp_rank if num_kv_heads >= tp_size else tp_rank * num_kv_heads // tp_size
         out_local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden_size, out_local * tp_size, bias, dtype, tp_size, tp_rank)
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
@@ -153,14 +160,17 @@ class QKVLinear(ColumnLinear):
 class RowLinear(LinearBase):
     """Input features split across ranks; each rank's partial sums need an all-reduce.
 
-    The bias is added on rank 0 only, so the all-reduced sum carries it once.
+    The bias is added on rank 0 only, so the all-reduced sum carries it once. `reduce` (the
+    group's all-reduce) makes the output whole; without it the output is this rank's partial sum.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, tp_size: int = 1, tp_rank: int = 0):
+                 dtype: torch.dtype = torch.float32, tp_size: int = 1, tp_rank: int = 0,
+                 reduce: Optional[Reduce] = None):
         in_local = _divide(in_features, tp_size, "in_features")
         super().__init__(in_local, out_features, bias, dtype, tp_size, tp_rank)
         self.add_bias = tp_rank == 0
+        self.reduce = reduce
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         if param.dim() == 1:  # bias: whole on every rank
@@ -169,21 +179,24 @@ class RowLinear(LinearBase):
         size = param.shape[1]
         _copy_checked(param.data, loaded_weight.narrow(1, self.tp_rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in_local] -> [T, out] (partial)
-        return linear(x, self.weight, self.bias if self.add_bias else None, self.weight_packed)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in_local] -> [T, out]
+        out = linear(x, self.weight, self.bias if self.add_bias else None, self.weight_packed)
+        return out if self.reduce is None else self.reduce(out)  # partial -> summed over ranks
 
 
 class VocabEmbedding(nn.Module):
     """Embedding with the vocab split in ceil(V / tp) rows per rank (the last may be padded).
 
-    On tp > 1, ids outside this rank's rows embed to zero; an all-reduce sums the ranks.
+    On tp > 1, ids outside this rank's rows embed to zero; `reduce` (the group's all-reduce)
+    sums the ranks, so every rank ends with the whole [T, H].
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
-                 tp_size: int = 1, tp_rank: int = 0):
+                 tp_size: int = 1, tp_rank: int = 0, reduce: Optional[Reduce] = None):
         super().__init__()
         _check_tp(tp_size, tp_rank)
         self.vocab_size, self.tp_size, self.tp_rank = vocab_size, tp_size, tp_rank
+        self.reduce = reduce
         self.rows_per_rank = -(-vocab_size // tp_size)
         self.vocab_start = tp_rank * self.rows_per_rank
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
@@ -204,13 +217,15 @@ class VocabEmbedding(nn.Module):
             return F.embedding(input_ids, self.weight)
         in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)  # [T]
         local = torch.where(in_range, input_ids - self.vocab_start, 0)
-        return F.embedding(local, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
+        out = F.embedding(local, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
+        return out if self.reduce is None else self.reduce(out)  # [T, H] summed over ranks
 
 
 class LMHead(VocabEmbedding):
     """Output projection over this rank's vocab rows: [S, H] -> [S, rows_per_rank].
 
-    The caller gathers ranks along the vocab dim and drops padding past vocab_size.
+    The caller gathers ranks along the vocab dim and drops padding past vocab_size
+    (ParallelState.gather_vocab). Padding rows are zero, so their logits are 0 before the drop.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,

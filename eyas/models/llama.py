@@ -3,6 +3,13 @@
 Parameter names follow HF (`model.layers.N.self_attn.qkv_proj.weight`, ...), except that
 q/k/v and gate/up are fused; `packed_modules_mapping` routes checkpoint names onto them.
 Tokens are flat: [T] ids over all sequences of a step, attention is paged.
+
+Tensor parallelism (a ParallelState with tp_size > 1): q/k/v and gate/up are column-parallel,
+so each rank runs attention over its own Hq/tp query heads and Hkv/tp kv heads (one replicated kv
+head when tp > Hkv); o_proj and down_proj are row-parallel and all-reduce, so the residual
+stream [T, H] (and every aux hidden state) is whole on every rank. The embedding and the LM head
+are vocab-parallel: the embedding all-reduces, compute_logits gathers. The model's num_kv_heads
+is the local count: every rank's KV cache is [num_blocks, block_size, Hkv_local, D].
 """
 from __future__ import annotations
 
@@ -12,10 +19,12 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from eyas.distributed.state import ParallelState
 from eyas.errors import ConfigError
 from eyas.layers.activation import SiluAndMul
 from eyas.layers.attention import AttentionBatch, paged_attention
-from eyas.layers.linear import LMHead, MergedColumnLinear, QKVLinear, RowLinear, VocabEmbedding
+from eyas.layers.linear import (LMHead, MergedColumnLinear, QKVLinear, RowLinear, VocabEmbedding,
+                                kv_heads_per_rank)
 from eyas.layers.norm import RMSNorm
 from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
 from eyas.models.weights import LLAMA_PACKED_MODULES, load_one, missing_shards
@@ -77,18 +86,37 @@ class LlamaArch:
             sliding_window=window,
         )
 
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Raise ConfigError unless the heads and the MLP split evenly over tp_size ranks."""
+        for what, n in (("num_attention_heads", self.num_heads),
+                        ("intermediate_size", self.intermediate_size)):
+            if n % tp_size:
+                raise ConfigError(f"tensor parallelism: {what}={n} is not divisible by "
+                                  f"tp_size={tp_size}")
+        try:
+            kv_heads_per_rank(self.num_kv_heads, tp_size)
+        except ConfigError as e:
+            raise ConfigError(f"tensor parallelism: {e} (kv heads are split, or replicated "
+                              f"when tp_size is a multiple of them)") from None
+
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+    """Attention over this rank's heads; num_heads / num_kv_heads are the local counts."""
+
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype,
+                 parallel: Optional[ParallelState] = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads = arch.num_heads, arch.num_kv_heads
+        tp = parallel or ParallelState()
+        self.qkv_proj = QKVLinear(arch.hidden_size, arch.head_dim, arch.num_heads,
+                                  arch.num_kv_heads, bias=arch.qkv_bias, dtype=dtype,
+                                  tp_size=tp.tp_size, tp_rank=tp.tp_rank)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = arch.head_dim
         self.scale = arch.head_dim ** -0.5
-        self.qk_size = (arch.num_heads + arch.num_kv_heads) * arch.head_dim
-        self.qkv_proj = QKVLinear(arch.hidden_size, arch.head_dim, arch.num_heads,
-                                  arch.num_kv_heads, bias=arch.qkv_bias, dtype=dtype)
+        self.qk_size = (self.num_heads + self.num_kv_heads) * arch.head_dim
         self.o_proj = RowLinear(arch.num_heads * arch.head_dim, arch.hidden_size,
-                                bias=arch.o_bias, dtype=dtype)
+                                bias=arch.o_bias, dtype=dtype, tp_size=tp.tp_size,
+                                tp_rank=tp.tp_rank, reduce=tp.reduce)
         self.qk_norm = arch.qk_norm
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
@@ -97,7 +125,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         num_tokens, heads, dim = x.shape[0], self.num_heads, self.head_dim
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D], local heads
         qk = qkv[:, :self.qk_size].view(num_tokens, -1, dim)  # [T, Hq + Hkv, D] (view)
         v = qkv[:, self.qk_size:].view(num_tokens, -1, dim)  # [T, Hkv, D] (view)
         if self.qk_norm:
@@ -105,27 +133,33 @@ class LlamaAttention(nn.Module):
         qk = apply_rotary(qk, cos, sin)  # q and k heads rotated in one go
         q, k = qk[:, :heads], qk[:, heads:]  # [T, Hq, D], [T, Hkv, D]
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], attn, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, heads * dim))  # [T, H]
+        return self.o_proj(out.reshape(num_tokens, heads * dim))  # [T, H] (all-reduced)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+    """Gated MLP; on tp > 1 each rank holds I/tp of the intermediate width."""
+
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype,
+                 parallel: Optional[ParallelState] = None):
         super().__init__()
+        tp = parallel or ParallelState()
         inter = arch.intermediate_size
         self.gate_up_proj = MergedColumnLinear(arch.hidden_size, [inter, inter],
-                                               bias=arch.mlp_bias, dtype=dtype)
+                                               bias=arch.mlp_bias, dtype=dtype,
+                                               tp_size=tp.tp_size, tp_rank=tp.tp_rank)
         self.act = SiluAndMul()
-        self.down_proj = RowLinear(inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+        self.down_proj = RowLinear(inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype,
+                                   tp_size=tp.tp_size, tp_rank=tp.tp_rank, reduce=tp.reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # via [T, 2I] -> [T, I]
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # via [T, 2I/tp] -> [T, I/tp]
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype, parallel: ParallelState):
         super().__init__()
-        self.self_attn = LlamaAttention(arch, dtype)
-        self.mlp = LlamaMLP(arch, dtype)
+        self.self_attn = LlamaAttention(arch, dtype, parallel)
+        self.mlp = LlamaMLP(arch, dtype, parallel)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
@@ -136,28 +170,37 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: LlamaArch, dtype: torch.dtype):
+    def __init__(self, arch: LlamaArch, dtype: torch.dtype, parallel: ParallelState):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, dtype) for _ in range(arch.num_layers))
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype,
+                                           parallel.tp_size, parallel.tp_rank, parallel.reduce)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, dtype, parallel)
+                                    for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
 
 class LlamaForCausalLM(nn.Module):
     packed_modules_mapping = LLAMA_PACKED_MODULES
+    supports_tensor_parallel = True  # takes `parallel` (see eyas.models.loader.load_model)
 
-    def __init__(self, config: Any, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: Any, dtype: torch.dtype = torch.float32,
+                 parallel: Optional[ParallelState] = None):
         super().__init__()
         arch = LlamaArch.from_hf_config(config)
-        self.arch, self.dtype = arch, dtype
-        self.num_layers, self.num_kv_heads = arch.num_layers, arch.num_kv_heads
+        parallel = parallel or ParallelState()
+        arch.check_tensor_parallel(parallel.tp_size)
+        self.arch, self.dtype, self.parallel = arch, dtype, parallel
+        # KV layout of THIS rank's cache: local kv heads (same num_blocks / block_size everywhere)
+        self.num_layers = arch.num_layers
+        self.num_kv_heads = kv_heads_per_rank(arch.num_kv_heads, parallel.tp_size)
         self.head_dim, self.hidden_size = arch.head_dim, arch.hidden_size
         self.vocab_size = arch.vocab_size
         self.sliding_window = arch.sliding_window
-        self.model = LlamaModel(arch, dtype)
+        self.model = LlamaModel(arch, dtype, parallel)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.max_position, arch.rope_theta,
                                           arch.rope_scaling, dtype)
-        self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, dtype)
+        self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, dtype,
+                              parallel.tp_size, parallel.tp_rank)
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
@@ -185,7 +228,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h), [captured[i] for i in aux_layer_ids]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V] fp32
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)  # [S, V_local]: this rank's vocab rows
+        return self.parallel.gather_vocab(logits, self.vocab_size).float()  # identity on tp=1
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
-from eyas.errors import ModelNotFoundError
+from eyas.distributed.state import ParallelState
+from eyas.errors import ConfigError, ModelNotFoundError
 from eyas.models.registry import get_model_class
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,16 +43,27 @@ def iter_safetensors(folder: Union[str, Path]) -> Iterator[tuple[str, torch.Tens
 
 
 def load_model(folder: Union[str, Path], dtype: torch.dtype = torch.float32,
-               device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Build the folder's model (by its config's architectures) and load its weights."""
+               device: Union[str, torch.device] = "cpu",
+               parallel: Optional[ParallelState] = None) -> nn.Module:
+    """Build the folder's model (by its config's architectures) and load its weights.
+
+    With a tensor-parallel `parallel` (tp_size > 1, group already joined), this rank builds
+    and loads only its shard: every rank reads the checkpoint and keeps its slice.
+    """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"no config.json in {folder}")
     safetensors_files(folder)  # fail before building a large model
     hf_config = AutoConfig.from_pretrained(folder)
     model_cls = get_model_class(hf_config)
+    kwargs = {}
+    if getattr(model_cls, "supports_tensor_parallel", False):
+        kwargs["parallel"] = parallel
+    elif parallel is not None and parallel.tp_size > 1:
+        raise ConfigError(f"{model_cls.__name__} does not support tensor parallelism yet "
+                          f"(tp_size={parallel.tp_size}); run it with tp_size=1")
     with torch.device(device):
-        model = model_cls(hf_config, dtype=dtype)
+        model = model_cls(hf_config, dtype=dtype, **kwargs)
     model.load_weights(iter_safetensors(folder))
     model.eval()
     model.requires_grad_(False)
