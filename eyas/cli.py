@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from eyas.serve.cli_serve import add_serve_parser
     add_serve_parser(sub)
+    from eyas.quant.cli_quant import add_quantize_parser
+    add_quantize_parser(sub)
+    from eyas.batch.cli_batch import add_batch_parser
+    add_batch_parser(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """The adaptive speculation controller: picks 0 when drafting does not pay, the most drafts when it
 pays, the analytic optimum in between; in the engine it stays lossless."""
 import random
+import time
 
 import pytest
 
@@ -123,6 +124,13 @@ class Recording(SpecController):
 def test_adaptive_random_drafter_is_lossless_and_backs_off(tiny_engine_factory, tiny_drafter_path, plain):
     engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=4, spec_policy="adaptive")
     ctrl = engine.spec.controller = Recording(ControllerConfig(4, probe_every=8))
+    propose = engine.spec.proposer.propose
+
+    def slow_propose(*args):  # drafting costs at least 30 ms a step, so timing noise can't hide it
+        time.sleep(0.03)
+        return propose(*args)
+
+    engine.spec.proposer.propose = slow_propose
     for _ in range(2):
         assert run_all(engine, PROMPTS, PARAMS, stagger=2) == plain
     # a random drafter is (almost) never accepted, so plain steps win once measured; the rest

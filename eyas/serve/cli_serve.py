@@ -11,7 +11,7 @@ log = logging.getLogger("eyas.serve")
 
 # flag dest -> ServerConfig field
 _SERVER_FLAGS = ("host", "port", "max_pending", "max_tokens_cap", "default_max_tokens", "grace_period",
-                 "api_key", "tls_cert", "tls_key", "max_message_bytes")
+                 "api_key", "tls_cert", "tls_key", "max_message_bytes", "metrics_port")
 
 
 def add_serve_parser(sub) -> None:
@@ -33,6 +33,8 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
     g.add_argument("--tls-key", help="PEM private key")
     g.add_argument("--max-message-bytes", type=int, help="gRPC max message size (default 64 MiB)")
+    g.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: off)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -27,6 +27,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 2**20  # gRPC max send/receive message size
     max_request_id_len: int = 256
     tp_size: int = 1
+    metrics_port: Optional[int] = None  # Prometheus GET /metrics on host:PORT; 0: any free port; None: off
 
     def __post_init__(self):
         if not self.host:
@@ -53,6 +54,12 @@ class ServerConfig:
             raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.tp_size < 1:
             raise ConfigError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.metrics_port is not None:
+            if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) \
+                    or not 0 <= self.metrics_port <= 65535:
+                raise ConfigError(f"metrics_port must be in [0, 65535] (or unset: no metrics), got {self.metrics_port!r}")
+            if self.metrics_port and self.metrics_port == self.port:
+                raise ConfigError(f"metrics_port must differ from port ({self.port})")
 
     @property
     def tls(self) -> bool:

@@ -4,6 +4,10 @@ The asyncio side never touches the engine. It sends commands (add, abort, cancel
 a thread-safe queue; the engine thread drains them between steps, runs `engine.step()` while
 work remains, and hands each request's outputs back to the event loop with
 `loop.call_soon_threadsafe` into that request's asyncio.Queue (a RequestStream).
+
+Metrics: the engine thread times every request (first token, tokens, end and its reason) and
+sets the engine-state gauges (KV blocks, running, waiting) after each step and each batch of
+commands, so nothing else ever reads the engine.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -19,6 +24,7 @@ import torch
 from eyas.core import RequestOutput, SpecStats
 from eyas.errors import EyasError
 from eyas.serve.convert import EngineRequest
+from eyas.serve.metrics import RequestTimer, ServerMetrics
 
 log = logging.getLogger("eyas.serve")
 
@@ -46,11 +52,15 @@ StreamItem = Union[Admitted, RequestOutput, Exception]
 
 
 class RequestStream:
-    """The asyncio side of one request: items arrive in order; a finished output ends it."""
+    """The asyncio side of one request: items arrive in order; a finished output ends it.
+
+    `timer` starts at submission; after that only the engine thread touches it.
+    """
 
     def __init__(self, request: EngineRequest):
         self.request = request
         self.queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self.timer = RequestTimer(time.monotonic())
 
     @property
     def request_id(self) -> str:
@@ -88,10 +98,12 @@ class _Stop:
 class EngineLoop:
     """Runs an LLMEngine on a dedicated thread and serves commands from an asyncio loop."""
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop, idle_poll_s: float = 1.0):
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop, idle_poll_s: float = 1.0,
+                 metrics: Optional[ServerMetrics] = None):
         self.engine = engine
         self.loop = loop
         self.idle_poll_s = idle_poll_s
+        self.metrics = metrics if metrics is not None else ServerMetrics()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="eyas-engine", daemon=True)
@@ -149,17 +161,20 @@ class EngineLoop:
         if num_threads:  # torch's intra-op thread count is per thread: apply it where the engine runs
             torch.set_num_threads(num_threads)
         try:
+            self.metrics.record_engine_state(self.engine)
             while True:
                 if not self._drain(block=not self.engine.has_unfinished()):
                     break
                 if self.engine.has_unfinished():
                     self._step()
+                self.metrics.record_engine_state(self.engine)
         except BaseException:  # never die silently: fail whoever is waiting
             log.exception("engine thread crashed")
             self._fail_all(EngineFailure("the engine thread crashed"))
             raise
         finally:
             self._abort_all()
+            self.metrics.record_engine_state(self.engine)
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands (waiting for one when idle). False once a stop arrived."""
@@ -194,7 +209,9 @@ class EngineLoop:
             rid = cmd.stream.request_id
             if self._streams.get(rid) is cmd.stream:
                 del self._streams[rid]
+                final = self._aborted_output(rid)
                 self.engine.abort(rid)
+                self._record_end(cmd.stream, final, "cancelled")
         elif isinstance(cmd, _Abort):
             if cmd.request_id is None:
                 cmd.reply(self._abort_all())
@@ -209,13 +226,22 @@ class EngineLoop:
             self._fail_all(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
             return
         self.num_steps += 1
+        self.metrics.steps.inc()
+        now = time.monotonic()
         for out in outputs:
             stream = self._streams.get(out.id)
             if stream is None:
                 continue
+            stream.timer.on_tokens(self.metrics, len(out.token_ids_delta), now)
             if out.finished:
                 del self._streams[out.id]
+                self._record_end(stream, out, out.finish_reason or "stop", now)
             self._push(stream, out)
+
+    def _record_end(self, stream: RequestStream, final: RequestOutput, reason: str,
+                    now: Optional[float] = None) -> None:
+        stream.timer.on_end(self.metrics, reason, time.monotonic() if now is None else now,
+                            final.prompt_tokens, final.spec)
 
     def _abort_one(self, request_id: str) -> bool:
         stream = self._streams.pop(request_id, None)
@@ -223,6 +249,7 @@ class EngineLoop:
             return False
         final = self._aborted_output(request_id)
         self.engine.abort(request_id)
+        self._record_end(stream, final, "abort")
         self._push(stream, final)
         return True
 
@@ -238,6 +265,7 @@ class EngineLoop:
                 self.engine.abort(rid)
             except Exception:
                 log.exception("abort of %s failed", rid)
+            stream.timer.on_end(self.metrics, "error", time.monotonic())
             self._push(stream, error)
         self._streams.clear()
 

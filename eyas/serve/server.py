@@ -4,6 +4,8 @@ Threads: the asyncio event loop runs gRPC and admission; one engine thread (Engi
 the engine. Shutdown: health goes NOT_SERVING and new Generate calls get UNAVAILABLE, in-flight
 requests get `grace_period` seconds to finish, the rest are aborted, then gRPC and the engine
 thread stop.
+With `metrics_port` set, Prometheus metrics are served at http://HOST:PORT/metrics from a small
+HTTP server thread (see metrics.py); it stops last, so the final counts stay readable while draining.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from eyas.serve.auth import ApiKeyInterceptor
 from eyas.serve.config import ServerConfig
 from eyas.serve.convert import Limits
 from eyas.serve.engine_loop import EngineLoop
+from eyas.serve.metrics import MetricsHTTPServer, ServerMetrics
 from eyas.serve.service import GenerationService
 from eyas.serve.v1 import generate_pb2 as pb
 from eyas.serve.v1 import generate_pb2_grpc as pb_grpc
@@ -53,6 +56,9 @@ class GenerationServer:
         self.engine = engine
         self.config = config
         self.port: Optional[int] = None
+        self.metrics = ServerMetrics()
+        self.metrics_port: Optional[int] = None  # bound metrics port (None: metrics HTTP off)
+        self._metrics_http: Optional[MetricsHTTPServer] = None
         self.engine_loop: Optional[EngineLoop] = None
         self.service: Optional[GenerationService] = None
         self._server: Optional[grpc.aio.Server] = None
@@ -73,7 +79,7 @@ class GenerationServer:
         limits = Limits(vocab_size=self.engine.model.vocab_size,
                         max_tokens_cap=cfg.effective_max_tokens_cap(self.engine.max_model_len),
                         default_max_tokens=cfg.default_max_tokens, max_request_id_len=cfg.max_request_id_len)
-        self.engine_loop = EngineLoop(self.engine, loop)
+        self.engine_loop = EngineLoop(self.engine, loop, metrics=self.metrics)
         self.service = GenerationService(self.engine_loop, limits, model_info_for(self.engine, cfg),
                                          cfg.max_pending)
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
@@ -96,12 +102,29 @@ class GenerationServer:
             port = 0
         if not port:
             raise ConfigError(f"could not listen on {cfg.address} (port in use, or not a local address?)")
+        if cfg.metrics_port is not None:
+            self._start_metrics_http()
         self.engine_loop.start()
         await server.start()
         self._server, self.port = server, port
         for name in HEALTH_NAMES:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return port
+
+    def _start_metrics_http(self) -> None:
+        http = MetricsHTTPServer(self.metrics, self.config.host, self.config.metrics_port)
+        try:
+            self.metrics_port = http.start()
+        except OSError as e:
+            raise ConfigError(f"could not serve metrics on {self.config.host}:{self.config.metrics_port}: "
+                              f"{e.strerror or e}") from None
+        self._metrics_http = http
+        log.info("metrics on %s", http.url)
+
+    async def _stop_metrics_http(self) -> None:
+        if self._metrics_http is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._metrics_http.stop)
+            self._metrics_http = None
 
     def hurry(self) -> None:
         """End the grace period now (a second SIGTERM/SIGINT)."""
@@ -122,6 +145,7 @@ class GenerationServer:
         await self.service.drain(grace, self._hurry)
         await self._server.stop(1.0)
         await asyncio.get_running_loop().run_in_executor(None, self.engine_loop.stop, 30.0)
+        await self._stop_metrics_http()
         self._stopped.set()
         log.info("server on %s stopped", self.address)
 

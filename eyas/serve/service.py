@@ -4,12 +4,14 @@ Admission happens here, on the event loop: a draining server refuses with UNAVAI
 input gets INVALID_ARGUMENT (the field name also goes in the `eyas-field` trailing metadata),
 and more than `max_pending` queued + running requests get RESOURCE_EXHAUSTED. A stream that
 ends before its last message (client cancel, deadline) aborts the request in the engine.
+Every refused Generate call counts in `eyas_requests_rejected_total{code}`; admitted requests
+are counted by the engine thread when they end.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import grpc
 
@@ -38,6 +40,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.max_pending = max_pending
         self.pending = 0  # admitted Generate calls not yet ended (event-loop thread only)
         self.draining = False
+        self.metrics = engine_loop.metrics
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -45,34 +48,37 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         if not self.engine_loop.alive:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the engine is not running")
         try:
             engine_request = parse_request(request, self.limits)
         except InvalidRequestError as e:
-            await abort_invalid(context, e)
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field)
         if self.pending >= self.max_pending:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"too many requests: {self.pending} queued or running (max_pending={self.max_pending})")
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many requests: {self.pending} queued or running (max_pending={self.max_pending})")
         self._enter()
         stream = self.engine_loop.submit(engine_request)
         finished = False
+        admitted = False
         logprobs_sent = 0
         try:
             while True:
                 item = await stream.get()
                 if isinstance(item, Admitted):
+                    admitted = True
                     continue
-                if isinstance(item, InvalidRequestError):
+                if isinstance(item, Exception):
                     finished = True
+                    if not admitted:  # refused by the engine thread (prompt checks, duplicate id)
+                        self._count_refusal(item)
+                if isinstance(item, InvalidRequestError):
                     await abort_invalid(context, item)
                 if isinstance(item, DuplicateRequestError):
-                    finished = True
                     await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(item),
                                         trailing_metadata=((FIELD_METADATA_KEY, "request_id"),))
                 if isinstance(item, Exception):
-                    finished = True
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 message = response_from_output(item, logprobs_sent)
                 logprobs_sent += len(message.logprobs)
@@ -93,6 +99,22 @@ class GenerationService(pb_grpc.GenerationServicer):
             await abort_invalid(context, InvalidRequestError("request_id", "must be non-empty"))
         found = await self.engine_loop.abort(request.request_id)
         return pb.AbortResponse(found=found)
+
+    # ----------------------------------------------------------- refusals
+    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                      field: Optional[str] = None) -> None:
+        """Count a refused Generate call and end it with `code` (raises)."""
+        self.metrics.rejected.inc(code=code.name)
+        await context.abort(code, message, trailing_metadata=((FIELD_METADATA_KEY, field),) if field else ())
+
+    def _count_refusal(self, error: Exception) -> None:
+        if isinstance(error, InvalidRequestError):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+        elif isinstance(error, DuplicateRequestError):
+            code = grpc.StatusCode.ALREADY_EXISTS
+        else:
+            code = grpc.StatusCode.INTERNAL
+        self.metrics.rejected.inc(code=code.name)
 
     # ------------------------------------------------------------- shutdown
     def _enter(self) -> None:

@@ -54,6 +54,8 @@ class SpecDecoder:
         items = plan.items
         spec_idx = [i for i, it in enumerate(items) if it.num_draft_tokens > 0]
         drafts: dict[int, Draft] = {}
+        # a draft after plain (k = 0) steps first catches up on their positions: not a typical step
+        catch_up = max((self.proposer.backlog(items[i].seq) for i in spec_idx), default=0)
         if spec_idx:
             proposed = self.proposer.propose([items[i].seq for i in spec_idx],
                                              [items[i].num_draft_tokens for i in spec_idx])
@@ -144,14 +146,14 @@ class SpecDecoder:
             eng.allocator.truncate(seq, len(seq))
             eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq))
         if self.controller is not None:
-            self._record(items, drafts, accepted, k, start)
+            self._record(items, drafts, accepted, k, start, timed=catch_up <= self.num_steps + 1)
         return outputs
 
-    def _record(self, items, drafts: dict, accepted: dict, k: int, start: float) -> None:
-        """Feed the controller this step's acceptance and, for pure decode steps, its time."""
+    def _record(self, items, drafts: dict, accepted: dict, k: int, start: float, timed: bool) -> None:
+        """Feed the controller this step's acceptance and, for typical pure decode steps, its time."""
         for i in drafts:
             self.controller.record_accept(len(drafts[i].tokens), len(accepted[i]) - 1)
-        if all(it.num_new_tokens == 1 for it in items) and all(
+        if timed and all(it.num_new_tokens == 1 for it in items) and all(
                 it.num_draft_tokens == k for it in items):
             if self.engine.device.type == "cuda":
                 torch.cuda.synchronize(self.engine.device)

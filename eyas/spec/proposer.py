@@ -58,6 +58,10 @@ class Proposer:
         """Positions whose drafter KV is final (blocks before it may enter the prefix cache)."""
         return seq.num_computed_tokens
 
+    def backlog(self, seq: Sequence) -> int:
+        """Target positions the drafter must catch up on before its next draft."""
+        return 0
+
     def drop(self, seq: Sequence) -> None:
         pass
 
@@ -92,6 +96,10 @@ class Eagle3Proposer(Proposer):
     def valid_prefix(self, seq: Sequence) -> int:
         st = self.states.get(seq.request_id)
         return st.dstart if st is not None else 0
+
+    def backlog(self, seq: Sequence) -> int:
+        st = self.states.get(seq.request_id)
+        return st.num_pending if st is not None else 0
 
     def drop(self, seq: Sequence) -> None:
         self.states.pop(seq.request_id, None)

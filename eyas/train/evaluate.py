@@ -38,7 +38,7 @@ def evaluate_drafter(target: str, draft: str, prompts: str, max_tokens: int = 12
     results, tree_results = [], []
     settings = [(k, 1, k, results) for k in chains] + [(*t, tree_results) for t in trees]
     for k, topk, draft_tokens, rows in settings:
-        llm = LLM(model=target, draft=draft, spec_steps=k, spec_topk=topk,
+        llm = LLM(model=target, draft=draft, spec_steps=k, spec_topk=topk, spec_policy="fixed",
                   spec_draft_tokens=draft_tokens, device=device, dtype=dtype, **engine_kwargs)
         for temp in temperatures:
             params = [SamplingParams(max_tokens=max_tokens, temperature=temp,
