@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -192,11 +193,12 @@ def job(cluster, *args, timeout=120, check=True):
               timeout=timeout, check=check)
 
 
-def submit(cluster, sid: str, entry: list[str]) -> None:
+def submit(cluster, sid: str, entry: list[str], env: Optional[dict] = None) -> None:
     """`ray job submit`, retried while the head's job agent is still starting."""
     deadline = time.monotonic() + 90
+    runtime = ["--runtime-env-json", json.dumps({"env_vars": env})] if env else []
     while True:
-        p = job(cluster, "submit", "--submission-id", sid, "--no-wait", "--", *entry, check=False)
+        p = job(cluster, "submit", "--submission-id", sid, "--no-wait", *runtime, "--", *entry, check=False)
         if p.returncode == 0:
             return
         if "No available agent" not in p.stderr + p.stdout or time.monotonic() > deadline:
@@ -229,7 +231,7 @@ def test_job_submit_stop_and_resubmit(ray_cluster, tiny_llama_path, long, tmp_pa
     entry = [EYAS, "batch", "--input", str(long["input"]), "--output", str(out), "--model", str(tiny_llama_path),
              "--log-interval", "1", "--max-tokens", str(long["max_tokens"]),
              "--max-inflight", str(long["max_inflight"]), *ENGINE_FLAGS]
-    submit(ray_cluster, "eyas-a", entry)
+    submit(ray_cluster, "eyas-a", entry, env={"EYAS_BATCH_STEP_PAUSE_S": "0.05"})  # >= 3 s a line
     deadline = time.monotonic() + 180
     while count_lines(out) < 1:
         assert time.monotonic() < deadline, job_logs(ray_cluster, "eyas-a")

@@ -6,8 +6,10 @@ may be called from other threads; only the step thread touches the engine.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from typing import Optional
 
 from eyas.batch.inputs import WorkItem
@@ -84,6 +86,8 @@ class ReplicaCore:
             self._publish(rejected)
 
     def _loop(self) -> None:
+        # a pause after every step: lets tests stop or kill a job reliably mid-way
+        pause = float(os.environ.get("EYAS_BATCH_STEP_PAUSE_S", "0"))
         try:
             while not self._stop.is_set():
                 self._admit(block=not self.engine.has_unfinished())
@@ -91,6 +95,8 @@ class ReplicaCore:
                     finished = [o.to_dict() for o in self.engine.step() if o.finished]
                     if finished:
                         self._publish(finished)
+                    if pause:
+                        time.sleep(pause)
         except Exception as e:  # the engine is in an unknown state: fail the replica, not the lines
             log.exception("replica step failed")
             with self._cond:
