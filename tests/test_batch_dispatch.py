@@ -89,7 +89,7 @@ def test_bounded_inflight_and_lazy_input(tmp_path):
 
 
 def test_dead_replica_work_is_redispatched(tmp_path):
-    engines = [FakeEngine(), FakeEngine(die_after=3)]
+    engines = [FakeEngine(), FakeEngine(die_after=1)]  # dies on its 2nd step, its first lines still running
     d, writer, stats = dispatch(tmp_path, engines, items(40), cap=4)
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert len(lines) == 40 and len(writer.done) == 40  # every id exactly once
