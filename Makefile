@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(EYAS) pull smollm2-135m-instruct
-	$(EYAS) generate --prompts examples/chat.jsonl --max-tokens 96
+	$(EYAS) generate --prompts examples/chat.jsonl --max-tokens 96 --draft smollm2-135m-instruct-eagle3
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" --timeout 900
