@@ -90,10 +90,17 @@ def test_tree_candidates_are_zero_or_the_tree():
 
 
 def test_probes_other_candidates():
-    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8))
+    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=8))
     chosen = simulate(ctrl, lambda k: 0.020 + 0.030 * k, alpha=0.9, steps=200)
     assert set(chosen[100:]) == {0, 1, 2, 3}  # probes keep every depth's time fresh
     assert sum(c != 0 for c in chosen[100:]) <= 100 / 8 + 1
+
+
+def test_probes_back_off_while_the_best_holds():
+    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=64))
+    chosen = simulate(ctrl, lambda k: 0.020 + 0.030 * k, alpha=0.9, steps=600)
+    # probes at steps 8, 16, 32, 64, then every 64: far fewer than one in 8
+    assert sum(c != 0 for c in chosen[200:]) <= 400 / 64 + 1
 
 
 def test_bad_controller_config():
@@ -101,6 +108,8 @@ def test_bad_controller_config():
         ControllerConfig(max_tokens=0)
     with pytest.raises(ConfigError):
         ControllerConfig(max_tokens=3, probe_every=1)
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=3, probe_every=64, max_probe_every=32)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +132,7 @@ class Recording(SpecController):
 
 def test_adaptive_random_drafter_is_lossless_and_backs_off(tiny_engine_factory, tiny_drafter_path, plain):
     engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=4, spec_policy="adaptive")
-    ctrl = engine.spec.controller = Recording(ControllerConfig(4, probe_every=8))
+    ctrl = engine.spec.controller = Recording(ControllerConfig(4, probe_every=8, max_probe_every=8))
     propose = engine.spec.proposer.propose
 
     def slow_propose(*args):  # drafting costs at least 30 ms a step, so timing noise can't hide it
@@ -142,7 +151,7 @@ def test_adaptive_random_drafter_is_lossless_and_backs_off(tiny_engine_factory, 
 
 def test_adaptive_replay_drafter_drafts_the_most(tiny_engine_factory, plain):
     engine = tiny_engine_factory()
-    ctrl = Recording(ControllerConfig(4, probe_every=8))
+    ctrl = Recording(ControllerConfig(4, probe_every=8, max_probe_every=8))
     engine.spec = SpecDecoder(engine, ReplayProposer(plain, engine.model.vocab_size), 4, controller=ctrl)
     for _ in range(3):
         outs = run_all(engine, PROMPTS, PARAMS)
@@ -156,6 +165,6 @@ def test_adaptive_replay_drafter_drafts_the_most(tiny_engine_factory, plain):
 def test_adaptive_tree_is_lossless(tiny_engine_factory, tiny_drafter_path, plain):
     engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=3, spec_topk=2,
                                  spec_draft_tokens=4, spec_policy="adaptive")
-    ctrl = engine.spec.controller = Recording(ControllerConfig(4, tree=True, probe_every=4))
+    ctrl = engine.spec.controller = Recording(ControllerConfig(4, tree=True, probe_every=4, max_probe_every=4))
     assert run_all(engine, PROMPTS, PARAMS, stagger=2) == plain
     assert set(ctrl.chosen) == {0, 4}

@@ -13,8 +13,9 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   bucket (powers of two) and k (the first sample, which pays one-time costs, is replaced). Unmeasured k in a bucket come from a least-squares line through
   the measured ones; a bucket first tries k_max, then 0, to get two points.
 - Every `probe_every` steps in a bucket it runs a candidate other than the best (round robin),
-  so stale times and acceptance for unused depths get refreshed; that costs at most
-  1/probe_every of the steps.
+  so stale times and acceptance for unused depths get refreshed. While the best choice holds,
+  the interval doubles up to `max_probe_every` (a probe after a run of plain steps also pays
+  the drafter's catch-up), and it resets when the best choice changes.
 
 Switching k costs nothing: the scheduler reserves k+1 slots, the proposer drafts k tokens and
 the drafter's features keep flowing while k = 0 (it catches up at the next draft).
@@ -33,7 +34,8 @@ class ControllerConfig:
     tree: bool = False  # candidates {0, max_tokens} instead of 0..max_tokens
     time_ema: float = 0.3  # weight of the newest step time
     accept_decay: float = 0.995  # per-record decay of acceptance counts
-    probe_every: int = 32  # steps per bucket between probes of a non-best candidate
+    probe_every: int = 32  # steps per bucket between probes of a non-best candidate...
+    max_probe_every: int = 512  # ...doubling up to this while the best choice stays the same
     prior_accept: float = 0.6  # alpha_j before any data (with prior_weight pseudo-counts)
     prior_weight: float = 4.0
 
@@ -42,8 +44,9 @@ class ControllerConfig:
             raise ConfigError(f"adaptive speculation needs max draft tokens >= 1, got {self.max_tokens}")
         if not 0 < self.time_ema <= 1 or not 0 < self.accept_decay <= 1:
             raise ConfigError("time_ema and accept_decay must be in (0, 1]")
-        if self.probe_every < 2:
-            raise ConfigError(f"probe_every must be >= 2, got {self.probe_every}")
+        if not 2 <= self.probe_every <= self.max_probe_every:
+            raise ConfigError(f"need 2 <= probe_every <= max_probe_every, got {self.probe_every}, "
+                              f"{self.max_probe_every}")
 
 
 def bucket_of(batch: int) -> int:
@@ -63,6 +66,10 @@ class SpecController:
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
         self.last_choice: dict[int, int] = {}
+        self.best: dict[int, int] = {}  # bucket -> current best k
+        self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
+        self.next_probe: dict[int, int] = {}  # bucket -> step count of the next probe
+        self.probes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ model
     def alpha(self, j: int) -> float:
@@ -110,9 +117,15 @@ class SpecController:
             if k not in known:
                 return self._pick(b, k)
         best = max(self.candidates, key=lambda k: self.throughput(batch, k))
-        if n % self.config.probe_every == 0:
+        if best != self.best.get(b):  # the choice moved: probe at the base rate again
+            self.best[b], self.interval[b] = best, self.config.probe_every
+        if n >= self.next_probe.get(b, self.config.probe_every):
+            # probes back off (x2 up to max_probe_every) while the best choice holds
+            self.next_probe[b] = n + self.interval[b]
+            self.interval[b] = min(2 * self.interval[b], self.config.max_probe_every)
             others = [k for k in self.candidates if k != best]
-            return self._pick(b, others[(n // self.config.probe_every) % len(others)])
+            self.probes[b] = self.probes.get(b, 0) + 1
+            return self._pick(b, others[self.probes[b] % len(others)])
         return self._pick(b, best)
 
     def _pick(self, bucket: int, k: int) -> int:
