@@ -1,7 +1,8 @@
 """A pre-norm decoder whose layers plug in their own attention and MLP (dense or MoE).
 
-Shared by the MoE / MLA families (Mixtral, Qwen3-MoE, DeepSeek-V3): embedding, layer loop with
-EAGLE-3 aux hidden-state capture, final norm, LM head, checkpoint loading. Parameter names
+Shared by the Llama family and the MoE / MLA families (Mixtral, Qwen3-MoE, DeepSeek-V3):
+embedding, layer loop with EAGLE-3 aux hidden-state capture, final norm, LM head, checkpoint
+loading. Parameter names
 follow HF: model.embed_tokens, model.layers.N.{input_layernorm, self_attn, <mlp name>,
 post_attention_layernorm}, model.norm, lm_head.
 """

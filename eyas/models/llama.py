@@ -14,7 +14,7 @@ is the local count: every rank's KV cache is [num_blocks, block_size, Hkv_local,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from eyas.layers.linear import (LMHead, MergedColumnLinear, QKVLinear, RowLinear
                                 kv_heads_per_rank)
 from eyas.layers.norm import RMSNorm
 from eyas.layers.rotary import RopeScaling, RotaryEmbedding, apply_rotary, rope_from_hf_config
-from eyas.models.weights import LLAMA_PACKED_MODULES, load_one, missing_shards
+from eyas.models.decoder import DecoderForCausalLM
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [num_blocks, block_size, Hkv, D]
 
@@ -179,8 +179,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
 
-class LlamaForCausalLM(nn.Module):
-    packed_modules_mapping = LLAMA_PACKED_MODULES
+class LlamaForCausalLM(DecoderForCausalLM):
+    """Embedding, layer loop with aux capture, and checkpoint loading come from
+    DecoderForCausalLM; this class builds the (tensor-parallel) Llama layers."""
+
+    expert_names = None  # dense: no expert checkpoint names
     supports_tensor_parallel = True  # takes `parallel` (see eyas.models.loader.load_model)
 
     def __init__(self, config: Any, dtype: torch.dtype = torch.float32,
@@ -196,6 +199,7 @@ class LlamaForCausalLM(nn.Module):
         self.head_dim, self.hidden_size = arch.head_dim, arch.hidden_size
         self.vocab_size = arch.vocab_size
         self.sliding_window = arch.sliding_window
+        self.tie_word_embeddings = arch.tie_word_embeddings
         self.model = LlamaModel(arch, dtype, parallel)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.max_position, arch.rope_theta,
                                           arch.rope_scaling, dtype)
@@ -204,53 +208,6 @@ class LlamaForCausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
-        return self.model.embed_tokens(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
-                kv_caches: list[KVCache], aux_layer_ids: tuple[int, ...] = (),
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """ids/positions [T] -> (final-normed hidden [T, H], aux hidden states).
-
-        Aux layer id i is the residual stream entering layer i (HF hidden_states[i]); the
-        list follows the order of aux_layer_ids.
-        """
-        for i in aux_layer_ids:
-            if not 0 <= i < self.num_layers:
-                raise ConfigError(f"aux layer id {i} out of range [0, {self.num_layers})")
-        cos, sin = self.rotary_emb(positions)  # [T, 1, D] each, shared by all layers
-        h = self.embed(input_ids)  # [T, H]
-        captured: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.model.layers):
-            if i in aux_layer_ids:
-                captured[i] = h  # layers never write h in place
-            h = layer(h, cos, sin, attn, kv_caches[i])
-        return self.model.norm(h), [captured[i] for i in aux_layer_ids]
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V] fp32
         logits = self.lm_head(hidden)  # [S, V_local]: this rank's vocab rows
         return self.parallel.gather_vocab(logits, self.vocab_size).float()  # identity on tp=1
-
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named checkpoint tensors into our (fused) parameters."""
-        params = dict(self.named_parameters())  # tied lm_head shows up once, as embed_tokens
-        loaded: set[tuple[str, object]] = set()
-        unexpected: list[str] = []
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
-                continue  # tied: the embedding is the head
-            key = load_one(params, name, tensor, self.packed_modules_mapping, name)
-            if key is None:
-                unexpected.append(name)
-            else:
-                loaded.add(key)
-        if unexpected:
-            raise ConfigError(f"checkpoint has weights this model does not know: "
-                              f"{', '.join(unexpected[:20])}")
-        missing = missing_shards(params, self.packed_modules_mapping, loaded)
-        if missing:
-            raise ConfigError(f"checkpoint is missing {len(missing)} parameter(s): "
-                              f"{', '.join(missing[:20])}")
