@@ -11,6 +11,19 @@ from eyas.errors import ConfigError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A deployment YAML file's top-level mapping ({} for an empty file); clear errors otherwise."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """EAGLE-3 speculation. steps = chain length K (tree depth); topk > 1 drafts a tree."""
@@ -93,13 +106,6 @@ class EngineConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, section: str = "engine") -> "EngineConfig":
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_yaml_mapping(path)
         data = data.get(section, data)
         return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()})

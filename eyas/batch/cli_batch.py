@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from eyas.errors import ConfigError
 
@@ -42,10 +41,10 @@ def batch_config_from_args(args: argparse.Namespace):
 
     data: dict = {}
     if args.config:
-        import yaml
+        from eyas.config import read_yaml_mapping
 
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(raw, dict) or not isinstance(raw.get("batch", {}), dict):
+        raw = read_yaml_mapping(args.config)
+        if not isinstance(raw.get("batch", {}), dict):
             raise ConfigError(f"{args.config}: expected a mapping with an optional `batch:` section")
         data = {k.replace("-", "_"): v for k, v in (raw.get("batch") or {}).items()}
     data.update({k: getattr(args, k) for k in _BATCH_FLAGS if getattr(args, k, None) is not None})

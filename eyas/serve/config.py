@@ -88,15 +88,9 @@ class ServerConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, section: str = "server") -> "ServerConfig":
         """Read the `server:` section of a deployment YAML (defaults when it has none)."""
-        import yaml
+        from eyas.config import read_yaml_mapping
 
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        section_data = data.get(section) or {}
+        section_data = read_yaml_mapping(path).get(section) or {}
         if not isinstance(section_data, dict):
             raise ConfigError(f"{path}: '{section}' must be a mapping")
         return cls.from_dict(section_data)
