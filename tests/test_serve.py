@@ -71,16 +71,20 @@ def client(server):
         yield c
 
 
-@pytest.fixture
-def slow_engine(engine, monkeypatch):
-    """Each engine step takes >= 20 ms, so a request is reliably still running when the test acts."""
+def slow_down(engine, monkeypatch, seconds: float) -> None:
+    """Make each engine step take >= `seconds`, so a request is still running when a test acts."""
     step = engine.step
 
     def slow_step():
-        time.sleep(0.02)
+        time.sleep(seconds)
         return step()
 
     monkeypatch.setattr(engine, "step", slow_step)
+
+
+@pytest.fixture
+def slow_engine(engine, monkeypatch):
+    slow_down(engine, monkeypatch, 0.02)
     yield engine
     wait_idle(engine)
 

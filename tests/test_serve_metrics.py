@@ -5,7 +5,6 @@ import logging
 import math
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -16,7 +15,7 @@ from eyas.errors import ConfigError
 from eyas.serve.background import BackgroundServer
 from eyas.serve.config import ServerConfig
 from eyas.serve.metrics import Histogram, Registry, format_value
-from test_serve import build_engine, tiny_config, wait_idle, wait_until
+from test_serve import build_engine, slow_down, tiny_config, wait_idle, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,14 +147,7 @@ def client(server):
 
 @pytest.fixture
 def slow_engine(engine, monkeypatch):
-    """Each step takes >= 10 ms, so a long request is still running when the test acts."""
-    step = engine.step
-
-    def slow_step():
-        time.sleep(0.01)
-        return step()
-
-    monkeypatch.setattr(engine, "step", slow_step)
+    slow_down(engine, monkeypatch, 0.01)
     yield engine
     wait_idle(engine)
 

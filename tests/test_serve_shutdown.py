@@ -10,7 +10,7 @@ import pytest
 from eyas.client import Client, InternalError, ResourceExhausted, Unavailable
 from eyas.serve.background import BackgroundServer
 from eyas.serve.config import ServerConfig
-from test_serve import build_engine, tiny_config, wait_idle, wait_until
+from test_serve import build_engine, slow_down, tiny_config, wait_idle, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,13 +22,7 @@ def engine(tiny_llama_path):
 
 @pytest.fixture
 def slow_engine(engine, monkeypatch):
-    step = engine.step
-
-    def slow_step():
-        time.sleep(0.02)
-        return step()
-
-    monkeypatch.setattr(engine, "step", slow_step)
+    slow_down(engine, monkeypatch, 0.02)
     yield engine
     wait_idle(engine)
 
