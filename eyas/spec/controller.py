@@ -65,7 +65,6 @@ class SpecController:
         self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> EMA seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
-        self.last_choice: dict[int, int] = {}
         self.best: dict[int, int] = {}  # bucket -> current best k
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
         self.next_probe: dict[int, int] = {}  # bucket -> step count of the next probe
@@ -115,7 +114,7 @@ class SpecController:
         n = self.steps[b] = self.steps.get(b, 0) + 1
         for k in (self.config.max_tokens, 0):  # two measured points before any model
             if k not in known:
-                return self._pick(b, k)
+                return k
         best = max(self.candidates, key=lambda k: self.throughput(batch, k))
         if best != self.best.get(b):  # the choice moved: probe at the base rate again
             self.best[b], self.interval[b] = best, self.config.probe_every
@@ -125,12 +124,8 @@ class SpecController:
             self.interval[b] = min(2 * self.interval[b], self.config.max_probe_every)
             others = [k for k in self.candidates if k != best]
             self.probes[b] = self.probes.get(b, 0) + 1
-            return self._pick(b, others[self.probes[b] % len(others)])
-        return self._pick(b, best)
-
-    def _pick(self, bucket: int, k: int) -> int:
-        self.last_choice[bucket] = k
-        return k
+            return others[self.probes[b] % len(others)]
+        return best
 
     # ----------------------------------------------------------------- record
     def record_time(self, batch: int, k: int, seconds: float) -> None:
