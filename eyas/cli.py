@@ -13,7 +13,8 @@ from eyas.errors import EyasError
 log = logging.getLogger("eyas")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, with_executor: bool = True) -> None:
+    """Engine flags; with_executor=False leaves out --executor and --ray-address (batch has its own)."""
     g = p.add_argument_group("engine")
     g.add_argument("--config", help="YAML file with engine keys (flags override it)")
     g.add_argument("--model", help="built-in model name or HF-style folder (default smollm2-135m-instruct)")
@@ -32,7 +33,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-topk", type=int, help="branching per draft step (>1 drafts a tree)")
     g.add_argument("--spec-draft-tokens", type=int, help="tree size budget")
     g.add_argument("--spec-policy", choices=["fixed", "adaptive"])
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel target shards (implies the ray executor)")
+    g.add_argument("--worker-cpus", type=float, help="ray executor: CPUs per worker actor (default 1)")
+    g.add_argument("--worker-gpus", type=float, help="ray executor: GPUs per target shard")
+    g.add_argument("--drafter-gpus", type=float, help="ray executor: GPUs for the drafter (< 1 shares one)")
+    if with_executor:
+        g.add_argument("--executor", dest="engine_executor", choices=["local", "ray"],
+                       help="local: this process (default); ray: target shards + drafter as Ray actors")
+        g.add_argument("--ray-address", help="ray executor: cluster to join (default $RAY_ADDRESS, else start one)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -41,12 +49,17 @@ def engine_config_from_args(args: argparse.Namespace):
     cfg = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     keys = ["model", "draft", "device", "dtype", "max_model_len", "block_size", "kv_cache_memory",
             "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "eager", "num_threads",
-            "spec_steps", "spec_topk", "spec_draft_tokens", "spec_policy"]
+            "spec_steps", "spec_topk", "spec_draft_tokens", "spec_policy", "worker_cpus", "worker_gpus",
+            "drafter_gpus"]
     changes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if os.environ.get("EYAS_EAGER") == "1":
         changes["eager"] = True
-    if getattr(args, "tp", 1) and args.tp > 1:
-        raise EyasError("--tp > 1 needs the Ray executor, which is not built yet")
+    if getattr(args, "tp", 1) != 1:
+        changes["tp"] = args.tp
+    if getattr(args, "engine_executor", None) is not None:
+        changes["executor"] = args.engine_executor
+    if getattr(args, "ray_address", None) is not None and hasattr(args, "engine_executor"):
+        changes["ray_address"] = args.ray_address
     return cfg.replace(**changes)
 
 

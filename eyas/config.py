@@ -74,6 +74,15 @@ class EngineConfig:
     packed_weights: Optional[bool] = None  # oneDNN-packed weight copies for CPU matmuls (None: on for CPU fp32)
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
+    # Where the model runs: local (this process) or ray (tensor-parallel shards + a drafter worker
+    # as Ray actors, see eyas/executor). None: ray when tp > 1, else local.
+    executor: Optional[str] = None
+    tp: int = 1  # tensor-parallel target shards (ray executor)
+    worker_cpus: float = 1.0  # CPUs per worker actor
+    worker_gpus: Optional[float] = None  # GPUs per target shard (None: 1 on GPU clusters, else 0)
+    drafter_gpus: Optional[float] = None  # GPUs for the drafter (None: 1 on GPU clusters; < 1 shares one)
+    ray_address: Optional[str] = None  # join this cluster (default: $RAY_ADDRESS, else start one)
+    worker_start_timeout_s: float = 180.0  # bound on placing, starting and connecting the workers
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -84,6 +93,19 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.executor not in (None, "local", "ray"):
+            raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ConfigError(f"tp must be an integer >= 1, got {self.tp!r}")
+        if self.tp > 1 and self.executor == "local":
+            raise ConfigError(f"tp={self.tp} needs the ray executor (--executor ray): the local executor "
+                              "runs one process")
+        if self.worker_cpus <= 0 or self.worker_start_timeout_s <= 0:
+            raise ConfigError("worker_cpus and worker_start_timeout_s must be > 0")
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.executor == "ray" or (self.executor is None and self.tp > 1)
 
     def replace(self, **changes) -> "EngineConfig":
         spec_changes = {k[5:]: changes.pop(k) for k in list(changes) if k.startswith("spec_")}

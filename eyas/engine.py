@@ -68,6 +68,78 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def model_len_limit(config: EngineConfig, max_position: int, sliding_window: Optional[int]) -> int:
+    """max_model_len: configured (checked against the model), else min(max positions, 4096)."""
+    limit = config.max_model_len or min(max_position, 4096)
+    if limit > max_position:
+        raise ConfigError(f"max_model_len={limit} exceeds the model's max_position_embeddings={max_position}")
+    if sliding_window and limit > sliding_window:
+        log.warning("attention is full, so results match the model only within its sliding "
+                    "window: capping max_model_len %d -> %d", limit, sliding_window)
+        limit = sliding_window
+    return limit
+
+
+def kv_budget(config: EngineConfig, device: torch.device):
+    """The KV cache budget: bytes, or a fraction of free memory ('auto': 0.8 on GPU, else the
+    smaller of 2 GiB and a quarter of free RAM)."""
+    if config.kv_cache_memory != "auto":
+        return config.kv_cache_memory
+    return 0.8 if device.type == "cuda" else min(2 * 2**30, 0.25 * available_memory(device))
+
+
+def pack_weights(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN-packed weight copies: configured, else on for CPU fp32 eager."""
+    if config.packed_weights is not None:
+        return config.packed_weights
+    return can_pack_weights(device, dtype) and not use_graphs(config, device)
+
+
+def build_target_runner(model, config: EngineConfig, num_blocks: int, lookahead: int, device: torch.device,
+                        dtype: torch.dtype, warm_up: bool = True) -> tuple[ModelRunner, list]:
+    """The target's KV cache (num_blocks, plus never-allocated pad blocks for compiled steps),
+    its ModelRunner, packed weights and compiled step graphs, as the config asks."""
+    compiled = use_graphs(config, device)
+    max_q = max(lookahead, 1)  # widest uniform step: verify of all drafts + the last token
+    pad_blocks = -(-max_q // config.block_size) if compiled else 0  # never allocated
+    kv_caches = allocate_kv(kv_layout_for(model), num_blocks + pad_blocks, config.block_size, dtype, device)
+    runner = ModelRunner(model, kv_caches, config.block_size, device)
+    if pack_weights(config, device, dtype):
+        pack_linear_weights(model)
+    if compiled:
+        runner.enable_graphs(num_blocks * config.block_size, config.max_num_seqs, max_q=max_q,
+                             backend=config.compile_backend)
+        if warm_up and config.compile_warmup:
+            log.info("compiled %d step graphs", runner.warm_up(step_widths(config.spec), progress=True))
+    return runner, kv_caches
+
+
+def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, device: torch.device,
+                   dtype: torch.dtype):
+    """The EAGLE-3 proposer over its own KV cache (same block ids and size as the target's).
+    `target` gives the token embedding (`embed`) and `vocab_size`."""
+    from eyas.spec.proposer import Eagle3Proposer
+
+    spec = config.spec
+    # Trees keep (steps-1)*topk drafter K/V rows per sequence in flight: scratch blocks past
+    # the allocator's, never handed out (see spec/tree.py).
+    scratch = config.max_num_seqs * (spec.steps - 1) * spec.topk if spec.topk > 1 else 0
+    scratch_blocks = -(-scratch // config.block_size)
+    layout = KVLayout(drafter.num_kv_heads, drafter.head_dim, 1)
+    draft_kv = allocate_kv(layout, num_blocks + scratch_blocks, config.block_size, dtype, device)[0]
+    return Eagle3Proposer(drafter, target, draft_kv, config.block_size, device, steps=spec.steps, topk=spec.topk,
+                          num_paged_blocks=num_blocks)
+
+
+def make_controller(spec):
+    """The adaptive speculation controller, when the policy asks for one."""
+    if spec.policy != "adaptive":
+        return None
+    from eyas.spec.controller import ControllerConfig, SpecController
+
+    return SpecController(ControllerConfig(spec.num_draft_tokens, tree=spec.topk > 1))
+
+
 @dataclass
 class Request:
     seq: Sequence
@@ -89,16 +161,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(folder)
         self.eos_token_ids = tuple(eos_token_ids(folder))
         self.model = load_model(folder, dtype=self.dtype, device=self.device)
-        max_pos = self.model.arch.max_position
-        self.max_model_len = config.max_model_len or min(max_pos, 4096)
-        if self.max_model_len > max_pos:
-            raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's "
-                              f"max_position_embeddings={max_pos}")
-        window = getattr(self.model, "sliding_window", None)
-        if window and self.max_model_len > window:
-            log.warning("attention is full, so results match the model only within its sliding "
-                        "window: capping max_model_len %d -> %d", self.max_model_len, window)
-            self.max_model_len = window
+        self.vocab_size = self.model.vocab_size
+        self.max_model_len = model_len_limit(config, self.model.arch.max_position,
+                                             getattr(self.model, "sliding_window", None))
         self.spec = None  # a SpecDecoder when a draft is configured
         self.drafter = None
         lookahead = config.spec.num_draft_tokens + 1 if config.spec.enabled else 0
@@ -106,58 +171,33 @@ class LLMEngine:
         if config.spec.enabled:
             from eyas.models.eagle3 import load_drafter
 
-
             self.draft_path = resolve_model(config.spec.draft)
             self.drafter = load_drafter(self.draft_path, self.model, dtype=self.dtype, device=self.device)
             layouts.append(KVLayout(self.drafter.num_kv_heads, self.drafter.head_dim, 1))
-        memory = config.kv_cache_memory
-        if memory == "auto":
-            memory = 0.8 if self.device.type == "cuda" else min(2 * 2**30, 0.25 * available_memory(self.device))
+        memory = kv_budget(config, self.device)
         if config.num_kv_blocks is not None:
             memory = config.num_kv_blocks * sum(l.bytes_per_block(config.block_size, self.dtype) for l in layouts)
         self.num_blocks = num_blocks_for(memory, layouts, config.block_size, self.dtype, self.device,
                                          self.max_model_len, lookahead)
         self.allocator = BlockAllocator(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.compiled = use_graphs(config, self.device)
-        max_q = max(lookahead, 1)  # widest uniform step: verify of all drafts + the last token
-        pad_blocks = -(-max_q // config.block_size) if self.compiled else 0  # never allocated
-        self.kv_caches = allocate_kv(layouts[0], self.num_blocks + pad_blocks, config.block_size,
-                                     self.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device)
+        self.runner, self.kv_caches = build_target_runner(self.model, config, self.num_blocks, lookahead,
+                                                          self.device, self.dtype, warm_up=False)
         if self.drafter is not None:
             from eyas.spec.decoder import SpecDecoder
-            from eyas.spec.proposer import Eagle3Proposer
 
             spec = config.spec
-            # Trees keep (steps-1)*topk drafter K/V rows per sequence in flight: scratch blocks past
-            # the allocator's, never handed out (see spec/tree.py).
-            scratch = config.max_num_seqs * (spec.steps - 1) * spec.topk if spec.topk > 1 else 0
-            scratch_blocks = -(-scratch // config.block_size)
-            draft_kv = allocate_kv(layouts[1], self.num_blocks + scratch_blocks, config.block_size,
-                                   self.dtype, self.device)[0]
             self.runner.aux_layer_ids = self.drafter.aux_layers_for(self.model.num_layers)
-            proposer = Eagle3Proposer(self.drafter, self.model, draft_kv, config.block_size, self.device,
-                                      steps=spec.steps, topk=spec.topk, num_paged_blocks=self.num_blocks)
-            controller = None
-            if spec.policy == "adaptive":
-                from eyas.spec.controller import ControllerConfig, SpecController
-
-                controller = SpecController(ControllerConfig(spec.num_draft_tokens, tree=spec.topk > 1))
+            proposer = build_proposer(self.drafter, self.model, config, self.num_blocks, self.device, self.dtype)
             self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux,
-                                    controller=controller)
-        pack = config.packed_weights
-        if pack if pack is not None else (can_pack_weights(self.device, self.dtype) and not self.compiled):
-            for m in (self.model, self.drafter):
-                if m is not None:
-                    pack_linear_weights(m)
+                                    controller=make_controller(spec))
+        if self.drafter is not None and pack_weights(config, self.device, self.dtype):
+            pack_linear_weights(self.drafter)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
-        if self.compiled:
-            self.runner.enable_graphs(self.num_blocks * config.block_size, config.max_num_seqs,
-                                      max_q=max_q, backend=config.compile_backend)
-            if config.compile_warmup:
-                n = self.runner.warm_up(step_widths(config.spec), progress=True)
-                log.info("compiled %d step graphs", n)
+        if self.compiled and config.compile_warmup:
+            n = self.runner.warm_up(step_widths(config.spec), progress=True)
+            log.info("compiled %d step graphs", n)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -181,7 +221,7 @@ class LLMEngine:
                 ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt_token_ids]
-            vocab = self.model.vocab_size
+            vocab = self.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError("prompt_token_ids", f"ids out of range [0, {vocab}): {bad[:5]}")
@@ -320,3 +360,12 @@ class LLMEngine:
         steps = max(seq.target_steps, 1)
         return SpecStats(seq.spec_drafted, seq.spec_accepted, seq.target_steps, seq.num_output_tokens / steps)
 
+
+
+def create_engine(config: EngineConfig) -> LLMEngine:
+    """The engine the config asks for: in-process, or a coordinator of Ray workers."""
+    if config.uses_ray:
+        from eyas.executor.cluster import ClusterEngine
+
+        return ClusterEngine(config)
+    return LLMEngine(config)

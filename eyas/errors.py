@@ -20,3 +20,7 @@ class ModelNotFoundError(EyasError, FileNotFoundError):
 
 class ConfigError(EyasError, ValueError):
     """A deployment/engine configuration cannot work (e.g. KV cache too small)."""
+
+
+class WorkerUnavailableError(EyasError):
+    """A model worker failed: the requests it was serving are lost; the engine restarted it."""

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from eyas.config import DEFAULT_MODEL, EngineConfig
 from eyas.core import RequestOutput, SamplingParams
-from eyas.engine import LLMEngine
+from eyas.engine import create_engine
 
 PromptLike = Union[str, list[int], dict]
 
@@ -22,7 +22,7 @@ class LLM:
         if config is None:
             config = EngineConfig().replace(model=model, draft=draft, **kwargs)
         self.config = config
-        self.engine = LLMEngine(self.config)
+        self.engine = create_engine(self.config)
         self.tokenizer = self.engine.tokenizer
         self.last_stats: dict = {}
 

@@ -20,7 +20,7 @@ REPO = PROTO_ROOT.parent
 DEFAULT_OUT = REPO / "eyas" / "serve" / "v1"
 PROTO_PACKAGE = "eyas.v1"     # the proto package = protoc's module path
 PYTHON_PACKAGE = "eyas.serve.v1"  # where the generated modules live
-PROTOS = ("eyas/v1/generate.proto",)
+PROTOS = ("eyas/v1/generate.proto", "eyas/v1/worker.proto")
 
 
 def _rewrite(text: str) -> str:

@@ -99,10 +99,10 @@ def test_missing_input_file(capsys, tmp_path):
     assert code == 2 and "file not found" in err and "nope.jsonl" in err
 
 
-def test_tp_is_not_built_yet(capsys, tmp_path):
+def test_tp_ray_replicas_are_refused(capsys, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [GOOD[0]])
-    code, _, err = batch(capsys, "/nonexistent-model", inp, tmp_path / "out.jsonl", "--tp", "2")
-    assert code == 2 and "not built yet" in err
+    code, _, err = batch(capsys, "/nonexistent-model", inp, tmp_path / "out.jsonl", "--tp", "2", "--replicas", "2")
+    assert code == 2 and "--executor local --tp N" in err
 
 
 def test_resume_skips_done_ids_and_drops_a_torn_tail(capsys, tmp_path, tiny_llama_path, reference):

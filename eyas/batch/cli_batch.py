@@ -31,7 +31,7 @@ def add_batch_parser(sub) -> None:
     g.add_argument("--max-inflight", type=int, help="lines in flight per replica (default 2 x max-num-seqs)")
     g.add_argument("--log-interval", type=float, help="seconds between progress lines without a terminal (10)")
     g.add_argument("--placement-timeout", type=float, help="seconds to wait for cluster resources (300)")
-    add_engine_args(p)
+    add_engine_args(p, with_executor=False)
     add_sampling_args(p)
     p.set_defaults(func=cmd_batch)
 
@@ -61,9 +61,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from eyas.cli import engine_config_from_args, sampling_from_args
 
     cfg = batch_config_from_args(args)
-    if cfg.tp > 1:
-        raise ConfigError("batch: --tp > 1 replicas need the Ray tensor-parallel executor, which is not built "
-                          "yet; use --replicas for data parallelism")
     engine = engine_config_from_args(args)
     try:
         run_batch(cfg, engine, sampling_from_args(args))

@@ -76,8 +76,8 @@ def _short_error(e: BaseException) -> str:
 class RayPool:
     def __init__(self, cfg: BatchConfig, config: EngineConfig):
         if cfg.tp > 1:
-            raise ConfigError("batch: --tp > 1 replicas need the Ray tensor-parallel executor, which is not built "
-                              "yet; use --replicas for data parallelism")
+            raise ConfigError("batch: Ray replicas with --tp > 1 are not supported yet; run one replica with "
+                              "--executor local --tp N (its shards still run as Ray actors)")
         ray = self.ray = connect(cfg.ray_address)
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

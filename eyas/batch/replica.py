@@ -27,9 +27,9 @@ class ReplicaFailed(EyasError):
 class ReplicaCore:
     def __init__(self, config: EngineConfig, notify: Optional[threading.Event] = None, engine=None):
         if engine is None:
-            from eyas.engine import LLMEngine
+            from eyas.engine import create_engine
 
-            engine = LLMEngine(config)
+            engine = create_engine(config)
         self.engine = engine
         self.notify = notify
         self._inbox: queue.SimpleQueue[WorkItem] = queue.SimpleQueue()

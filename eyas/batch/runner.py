@@ -19,15 +19,11 @@ from eyas.batch.results import ResultWriter
 from eyas.batch.settings import BatchConfig
 from eyas.config import EngineConfig
 from eyas.core import SamplingParams
-from eyas.errors import ConfigError
 
 log = logging.getLogger("eyas.batch")
 
 
 def make_pool(cfg: BatchConfig, engine: EngineConfig) -> Pool:
-    if cfg.tp > 1:
-        raise ConfigError("batch: --tp > 1 replicas need the Ray tensor-parallel executor, which is not built "
-                          "yet; use --replicas for data parallelism")
     if cfg.use_ray():
         from eyas.batch.ray_pool import RayPool
 

@@ -58,7 +58,7 @@ class BatchConfig:
     def use_ray(self) -> bool:
         if self.executor != "auto":
             return self.executor == "ray"
-        return self.replicas > 1 or self.tp > 1 or bool(self.ray_address or os.environ.get("RAY_ADDRESS"))
+        return self.replicas > 1 or bool(self.ray_address or os.environ.get("RAY_ADDRESS"))
 
     def replace(self, **changes) -> "BatchConfig":
         return dataclasses.replace(self, **changes)

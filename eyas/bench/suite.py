@@ -40,10 +40,10 @@ def _plan(bench: BenchConfig, prompt_ids: list[list[int]]) -> tuple[dict[int, li
 
 def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress) -> None:
     from eyas.bench.runner import run_level, warm_up
-    from eyas.engine import LLMEngine
+    from eyas.engine import create_engine
 
     cfg = engine_config_for(mode, config, max(bench.concurrency))
-    engine = LLMEngine(cfg)
+    engine = create_engine(cfg)
     try:
         check_fits(engine.max_model_len, bench.input_len, bench.output_len)
         warm_up(engine, warmup, bench.output_len)

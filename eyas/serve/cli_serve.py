@@ -50,7 +50,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from eyas.cli import engine_config_from_args
-    from eyas.engine import LLMEngine
+    from eyas.engine import create_engine
     from eyas.serve.server import run_server
 
     server_cfg = server_config_from_args(args)
@@ -58,6 +58,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("eyas.serve").setLevel(logging.INFO)  # "serving on ..." is always shown
     draft = f" with draft {engine_cfg.spec.draft}" if engine_cfg.spec.enabled else ""
     log.info("loading %s%s", engine_cfg.model, draft)
-    engine = LLMEngine(engine_cfg)
+    engine = create_engine(engine_cfg)
     run_server(engine, server_cfg)
     return 0

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from eyas.core import RequestOutput, SpecStats
-from eyas.errors import EyasError
+from eyas.errors import EyasError, WorkerUnavailableError
 from eyas.serve.convert import EngineRequest
 from eyas.serve.metrics import RequestTimer, ServerMetrics
 
@@ -221,6 +221,10 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except WorkerUnavailableError as e:  # the engine restarted its workers; new requests can come
+            log.error("%s; failing %d in-flight requests", e, len(self._streams))
+            self._fail_all(e)
+            return
         except Exception as e:
             log.exception("engine step failed; failing %d in-flight requests", len(self._streams))
             self._fail_all(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))

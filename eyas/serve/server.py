@@ -39,7 +39,7 @@ def model_info_for(engine, config: ServerConfig) -> pb.ModelInfo:
     """Describe the served model and the server's limits."""
     ecfg = engine.config
     info = pb.ModelInfo(model=str(ecfg.model), max_model_len=engine.max_model_len,
-                        vocab_size=engine.model.vocab_size, tp_size=config.tp_size,
+                        vocab_size=engine.vocab_size, tp_size=config.tp_size,
                         max_tokens_cap=config.effective_max_tokens_cap(engine.max_model_len),
                         max_pending=config.max_pending)
     if ecfg.spec.enabled:
@@ -76,7 +76,7 @@ class GenerationServer:
         loop = asyncio.get_running_loop()
         self._hurry = asyncio.Event()
         self._stopped = asyncio.Event()
-        limits = Limits(vocab_size=self.engine.model.vocab_size,
+        limits = Limits(vocab_size=self.engine.vocab_size,
                         max_tokens_cap=cfg.effective_max_tokens_cap(self.engine.max_model_len),
                         default_max_tokens=cfg.default_max_tokens, max_request_id_len=cfg.max_request_id_len)
         self.engine_loop = EngineLoop(self.engine, loop, metrics=self.metrics)

@@ -15,7 +15,7 @@ from typing import AsyncIterator, Optional
 
 import grpc
 
-from eyas.errors import InvalidRequestError
+from eyas.errors import InvalidRequestError, WorkerUnavailableError
 from eyas.serve.convert import Limits, parse_request, response_from_output
 from eyas.serve.engine_loop import Admitted, DuplicateRequestError, EngineLoop
 from eyas.serve.v1 import generate_pb2 as pb
@@ -78,6 +78,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if isinstance(item, DuplicateRequestError):
                     await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(item),
                                         trailing_metadata=((FIELD_METADATA_KEY, "request_id"),))
+                if isinstance(item, WorkerUnavailableError):  # a worker died; retrying is safe
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
                 if isinstance(item, Exception):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 message = response_from_output(item, logprobs_sent)

@@ -20,31 +20,56 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from eyas.core import RequestOutput
-from eyas.layers.sampler import sample
 from eyas.spec.controller import SpecController
 from eyas.spec.proposer import Draft, Proposer
 from eyas.spec.tree import TreeDraft, move_kv
-from eyas.spec.verify import accept_chain, accept_tree
-from eyas.workers.input_batch import SeqSpan, slots_for
+from eyas.workers.input_batch import SeqSpan
+from eyas.workers.model_runner import ModelRunner
+from eyas.workers.target_step import StepItem, StepOutcome, run_target_step
 
 if TYPE_CHECKING:
     from eyas.engine import LLMEngine
 
 
+class DrafterLost(RuntimeError):
+    """The proposer can no longer draft (its worker died): the engine goes on without drafts."""
+
+
+class LocalTarget:
+    """The target in this process: run the step, move tree KV at once, fuse the drafter's features."""
+
+    def __init__(self, runner: ModelRunner, kv_caches, fuse_features=None):
+        self.runner = runner
+        self.kv_caches = kv_caches
+        self.fuse_features = fuse_features  # aux list -> [T, H], or None (the proposer needs none)
+
+    def execute(self, items: list[StepItem]) -> StepOutcome:
+        out, result = run_target_step(self.runner, items)
+        if out.move_src:
+            dev = self.runner.device
+            move_kv(self.kv_caches, torch.tensor(out.move_src, device=dev), torch.tensor(out.move_dst, device=dev))
+        if self.fuse_features is not None:
+            fused = self.fuse_features(result.aux)  # [T, H]
+            out.features = [fused[torch.as_tensor(rows, device=self.runner.device)] for rows in out.feature_rows]
+        return out
+
+
 class SpecDecoder:
     def __init__(self, engine: "LLMEngine", proposer: Proposer, num_steps: int,
-                 fuse_features=None, controller: Optional[SpecController] = None):
+                 fuse_features=None, controller: Optional[SpecController] = None, target=None):
         self.engine = engine
         self.proposer = proposer
         self.num_steps = num_steps  # max draft tokens verified per sequence (the KV lookahead)
-        self.fuse_features = fuse_features  # aux list -> [T, H], or None (proposer needs none)
         self.controller = controller  # picks the draft length per step; None: always num_steps
+        # runs the target's half of a step: execute(items) -> StepOutcome (in process by default)
+        self.target = target or LocalTarget(engine.runner, engine.kv_caches, fuse_features)
+        self.drafting = num_steps > 0  # False once the proposer is lost: plain decoding from then on
 
     def step(self) -> list[RequestOutput]:
         eng = self.engine
         start = time.perf_counter()
-        k = self.num_steps
-        if self.controller is not None:
+        k = self.num_steps if self.drafting else 0
+        if self.controller is not None and self.drafting:
             k = self.controller.choose(len(eng.scheduler.running))
         plan = eng.scheduler.schedule(lookahead=k)
         for seq in plan.preempted:
@@ -57,102 +82,53 @@ class SpecDecoder:
         # a draft after plain (k = 0) steps first catches up on their positions: not a typical step
         catch_up = max((self.proposer.backlog(items[i].seq) for i in spec_idx), default=0)
         if spec_idx:
-            proposed = self.proposer.propose([items[i].seq for i in spec_idx],
-                                             [items[i].num_draft_tokens for i in spec_idx])
-            drafts = dict(zip(spec_idx, proposed))
+            try:
+                proposed = self.proposer.propose([items[i].seq for i in spec_idx],
+                                                 [items[i].num_draft_tokens for i in spec_idx])
+                drafts = dict(zip(spec_idx, proposed))
+            except DrafterLost:  # verify the real tokens only; the unused lookahead is truncated
+                self.drafting = False
 
-        spans = []
+        step_items = []
         for i, it in enumerate(items):
             seq, c = it.seq, it.seq.num_computed_tokens
-            tokens = seq.token_ids[c:c + it.num_new_tokens] + (drafts[i].tokens if i in drafts else [])
-            tree = drafts[i].mask if isinstance(drafts.get(i), TreeDraft) else None  # [n+1, n+1]
-            spans.append(SeqSpan(tokens, c, seq.block_table, tree_mask=tree))
-        result = eng.runner.forward(spans)
-        features = self.fuse_features(result.aux) if self.fuse_features else None  # [T, H]
-        starts = result.inputs.query_start
-
-        # Target logits: the last row of plain items, rows start..start+K of drafted items.
-        rows, row_of = [], {}
-        for i, it in enumerate(items):
-            if not it.sample:
-                continue
-            k = len(drafts[i].tokens) if i in drafts else 0
-            row_of[i] = (len(rows), k)
-            rows.extend(range(starts[i + 1] - 1 - k, starts[i + 1]))
-        logits = eng.runner.logits(result.hidden, torch.as_tensor(rows, device=eng.device)) if rows else None
-
-        plain = [i for i in row_of if i not in drafts]
-        plain_tokens = {}
-        if plain:
-            seqs = [items[i].seq for i in plain]
-            sel = torch.as_tensor([row_of[i][0] for i in plain], device=eng.device)
-            out = sample(logits.index_select(0, sel), [s.params for s in seqs], [s.generator for s in seqs])
-            for j, i in enumerate(plain):
-                plain_tokens[i] = ([int(out.token_ids[j])], [out.logprobs[j]] if out.logprobs else None)
-
-        # Accept drafts. Tree paths: move the accepted nodes' target KV to contiguous slots.
-        accepted, paths, src, dst = {}, {}, [], []
-        for i in drafts:
-            first, k = row_of[i]
-            seq = items[i].seq
-            if isinstance(drafts[i], TreeDraft):
-                path, accepted[i] = accept_tree(logits[first:first + k + 1], drafts[i], seq.params,
-                                                seq.generator)
-                root = seq.num_computed_tokens + items[i].num_new_tokens - 1  # position of x_last
-                slots = slots_for(seq.block_table, root + 1, root + 1 + k, eng.allocator.block_size)
-                moved = [j for j, node in enumerate(path) if node != j]
-                src += [slots[path[j]] for j in moved]
-                dst += [slots[j] for j in moved]
-                paths[i] = path
-            else:
-                accepted[i] = accept_chain(logits[first:first + k + 1], drafts[i].tokens, drafts[i].q,
-                                           seq.params, seq.generator)
-        if src:
-            move_kv(eng.kv_caches, torch.stack(src).to(eng.device), torch.stack(dst).to(eng.device))
+            draft = drafts.get(i)
+            tokens = seq.token_ids[c:c + it.num_new_tokens] + (draft.tokens if draft is not None else [])
+            tree = draft.mask if isinstance(draft, TreeDraft) else None  # [n+1, n+1]
+            step_items.append(StepItem(SeqSpan(tokens, c, seq.block_table, tree_mask=tree), it.num_new_tokens,
+                                       it.sample, seq.params, seq.generator, draft, seq.request_id))
+        out = self.target.execute(step_items)
 
         eng.num_steps += 1
         outputs = []
         for i, it in enumerate(items):
             seq, c = it.seq, it.seq.num_computed_tokens
-            if i in drafts:
-                k = len(drafts[i].tokens)
-                a = len(accepted[i]) - 1  # drafts accepted; the last token is the correction/bonus
-                seq.spec_drafted += k
-                new_tokens, lps = accepted[i], None
-                n_valid = it.num_new_tokens + a
-            else:
-                new_tokens, lps = plain_tokens.get(i, (None, None))
-                n_valid = it.num_new_tokens
-            seq.num_computed_tokens = c + n_valid
-            if features is not None and i in paths:  # rows of the real tokens + accepted nodes
-                rows = list(range(starts[i], starts[i] + it.num_new_tokens))
-                rows += [starts[i] + it.num_new_tokens + node for node in paths[i]]
-                self.proposer.observe(seq, c, features[torch.as_tensor(rows, device=eng.device)])
-            elif features is not None:
-                self.proposer.observe(seq, c, features[starts[i]:starts[i] + n_valid])
-            else:
-                self.proposer.observe(seq, c, None)
-            if new_tokens is not None:
+            seq.num_computed_tokens = c + out.num_valid[i]
+            self.proposer.observe(seq, c, out.features[i] if out.features is not None else None,
+                                  out.num_valid[i])
+            if out.tokens[i] is not None:
                 seq.target_steps += 1
-                out = eng.append_tokens(seq, new_tokens, lps)
+                if i in drafts:
+                    seq.spec_drafted += len(drafts[i].tokens)
+                res = eng.append_tokens(seq, out.tokens[i], out.logprobs[i])
                 if i in drafts:  # count only drafts that made it into the output
-                    seq.spec_accepted += min(a, len(out.token_ids_delta))
-                    if out.spec is not None:
-                        out.spec = eng._spec_stats(seq)
-                outputs.append(out)
+                    seq.spec_accepted += min(out.accepted[i], len(res.token_ids_delta))
+                    if res.spec is not None:
+                        res.spec = eng._spec_stats(seq)
+                outputs.append(res)
             if seq.is_finished:
                 self.proposer.drop(seq)
                 continue
             eng.allocator.truncate(seq, len(seq))
-            eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq))
-        if self.controller is not None:
-            self._record(items, drafts, accepted, k, start, timed=catch_up <= self.num_steps + 1)
+            eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq) if self.drafting else None)
+        if self.controller is not None and self.drafting:
+            self._record(items, drafts, out, k, start, timed=catch_up <= self.num_steps + 1)
         return outputs
 
-    def _record(self, items, drafts: dict, accepted: dict, k: int, start: float, timed: bool) -> None:
+    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, timed: bool) -> None:
         """Feed the controller this step's acceptance and, for typical pure decode steps, its time."""
         for i in drafts:
-            self.controller.record_accept(len(drafts[i].tokens), len(accepted[i]) - 1)
+            self.controller.record_accept(len(drafts[i].tokens), out.accepted[i])
         if timed and all(it.num_new_tokens == 1 for it in items) and all(
                 it.num_draft_tokens == k for it in items):
             if self.engine.device.type == "cuda":

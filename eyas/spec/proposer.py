@@ -48,8 +48,10 @@ class DraftState:
 class Proposer:
     """Interface: observe target features after each step; propose drafts before verify."""
 
-    def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor]) -> None:
-        """The target computed positions [start, start + n) of seq; features [n, H] or None."""
+    def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor],
+                num_rows: Optional[int] = None) -> None:
+        """The target computed positions [start, start + n) of seq; features [n, H] or None
+        (then num_rows = n: the features went straight to a drafter worker)."""
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
         raise NotImplementedError
@@ -86,7 +88,8 @@ class Eagle3Proposer(Proposer):
         self.draft_to_target = d2t.to(device)  # [Vd] target id of each draft id
 
     # ------------------------------------------------------------ bookkeeping
-    def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor]) -> None:
+    def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor],
+                num_rows: Optional[int] = None) -> None:
         st = self.states.get(seq.request_id)
         if st is None or st.dstart + st.num_pending != start:
             st = self.states[seq.request_id] = DraftState(dstart=start)  # new, or recomputed
