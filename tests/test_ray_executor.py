@@ -158,8 +158,10 @@ def test_drafter_death_falls_back_to_plain_decoding(ray_local, tiny_llama_path, 
 
 def test_placement_that_cannot_fit_fails_fast(ray_local, tiny_llama_path):
     t0 = time.monotonic()
-    with pytest.raises(ConfigError, match="could not place"):
-        create_engine(config(tiny_llama_path, tp=2, worker_cpus=64, worker_start_timeout_s=3))
+    with pytest.raises(ConfigError, match="no Ray node can hold the workers"):
+        create_engine(config(tiny_llama_path, tp=2, worker_cpus=64))
+    with pytest.raises(ConfigError, match="could not place"):  # fits the node, but not what is free now
+        create_engine(config(tiny_llama_path, tp=2, worker_cpus=7, worker_start_timeout_s=3))
     assert not [pg for pg in ray_local.util.placement_group_table().values() if pg["state"] == "PENDING"]
     assert time.monotonic() - t0 < 60
 

@@ -66,16 +66,41 @@ class WorkerGroup:
     """Starts (and restarts) the actors; `targets[r]` and `drafter` are the coordinator's streams."""
 
     def __init__(self, config: EngineConfig, model: str, draft: Optional[str]):
-        from eyas.batch.ray_pool import connect
-
         self.config, self.model, self.draft = config, model, draft
-        self.ray = connect(config.ray_address)
+        self.ray = self._connect()
         self.pg = None
         self.actors: list = []
         self.targets: list[WorkerStream] = []
         self.drafter: Optional[WorkerStream] = None
         self.info: dict = {}
         self.num_blocks = 0
+
+    def _connect(self):
+        """Join the configured cluster ($RAY_ADDRESS by default), or start a local one sized so that
+        the workers fit (they wait on each other most of the time, so they may share cores)."""
+        from eyas.batch.ray_pool import _import_ray
+
+        ray = _import_ray()
+        if ray.is_initialized():
+            return ray
+        address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            need = self.world_size * self.config.worker_cpus
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+                     log_to_driver=False)
+        return ray
+
+    def _check_fits(self, bundles: list[dict]) -> None:
+        """Fail at once when no node could ever hold the whole group (STRICT_PACK: one node)."""
+        need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
+        nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+        if nodes and not any(all(r.get(k, 0) >= v for k, v in need.items() if v) for r in nodes):
+            biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)))
+            raise ConfigError(f"no Ray node can hold the workers ({need['CPU']:g} CPUs, {need['GPU']:g} GPUs on "
+                              f"one node); the largest has {biggest.get('CPU', 0):g} CPUs, "
+                              f"{biggest.get('GPU', 0):g} GPUs: lower --tp, --worker-cpus or --worker-gpus")
 
     @property
     def world_size(self) -> int:
@@ -99,6 +124,7 @@ class WorkerGroup:
         target_res, drafter_res = self._resources()
         bundles = [dict(target_res) for _ in range(cfg.tp)] + ([dict(drafter_res)] if self.draft else [])
         timeout = cfg.worker_start_timeout_s
+        self._check_fits(bundles)
         self.pg = placement_group(bundles, strategy="STRICT_PACK", name=f"eyas-workers-{uuid.uuid4().hex[:8]}")
         try:
             ray.get(self.pg.ready(), timeout=timeout)
