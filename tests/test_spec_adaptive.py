@@ -103,6 +103,156 @@ def test_probes_back_off_while_the_best_holds():
     assert sum(c != 0 for c in chosen[200:]) <= 400 / 64 + 1
 
 
+def measure(ctrl: SpecController, cost, alpha: float, batches=(1, 4), steps: int = 40) -> None:
+    """Model the given batch sizes' buckets with injected step times cost(batch, k)."""
+    for b in batches:
+        simulate(ctrl, lambda k: cost(b, k), alpha=alpha, batch=b, steps=steps)
+
+
+def first_steps(ctrl: SpecController, cost, batch: int, steps: int) -> list[int]:
+    """The first choices in a new bucket, each followed by its (injected) step time."""
+    chosen = []
+    for _ in range(steps):
+        chosen.append(ctrl.choose(batch))
+        ctrl.record_time(batch, chosen[-1], cost(batch, chosen[-1]))
+    return chosen
+
+
+@pytest.mark.parametrize("per_draft, best", [(0.0002, 5), (0.006, 0)])
+def test_new_bucket_borrows_the_predicted_best(per_draft, best):
+    # step time grows with batch; buckets 1 and 4 are modelled, bucket 16 starts without data
+    def cost(b, k):
+        return 0.005 + b * (0.004 + per_draft * k)
+
+    ctrl = SpecController(ControllerConfig(max_tokens=5))
+    measure(ctrl, cost, alpha=0.9)
+    assert sorted(ctrl.times) == [1, 4] and all(len(ctrl.times[b]) >= 2 for b in (1, 4))
+    # no k_max-then-0 exploration: the predicted best right away, until the early probe (step 4)
+    assert first_steps(ctrl, cost, 16, 3) == [best] * 3
+
+
+def test_borrowed_times_follow_the_batch_trend():
+    # drafting pays at batch 1 and 4, but verifying 64 x (k+1) tokens does not
+    def cost(b, k):
+        return 0.020 + 0.004 * b * (k + 1)
+
+    ctrl = SpecController(ControllerConfig(max_tokens=4))
+    measure(ctrl, cost, alpha=0.8)
+    assert ctrl.best[1] > 0 and ctrl.best[4] > 0
+    # affine in batch size, as the step times are: the extrapolation is exact
+    for k in range(5):
+        assert ctrl.step_time(64, k, 64) == pytest.approx(cost(64, k))
+    best = max(range(5), key=lambda k: ctrl.expected_tokens(k) / cost(64, k))
+    assert best == 0 and ctrl.choose(64) == 0
+
+
+def test_borrowing_needs_two_modelled_buckets():
+    cost = (lambda b, k: 0.020 + 0.004 * b * (k + 1))
+    ctrl = SpecController(ControllerConfig(max_tokens=4))
+    measure(ctrl, cost, alpha=0.8, batches=(1,))
+    assert first_steps(ctrl, cost, 16, 2) == [4, 0]  # one bucket shows no trend: explore
+    ctrl = SpecController(ControllerConfig(max_tokens=4, borrow=False))
+    measure(ctrl, cost, alpha=0.8)
+    assert first_steps(ctrl, cost, 16, 2) == [4, 0]  # borrowing off: explore as before
+
+
+def test_one_inflated_first_sample_keeps_the_borrowed_choice():
+    cost = (lambda b, k: 0.020 + 0.004 * b * (k + 1))
+    ctrl = SpecController(ControllerConfig(max_tokens=4))
+    measure(ctrl, cost, alpha=0.8)
+    k0 = ctrl.choose(16)
+    ctrl.record_time(16, k0, 3 * cost(16, k0))  # the first step of a shape pays one-time costs
+    # the bucket's own level, the borrowed shape: every k looks 3x slower, the choice holds
+    for k in range(5):
+        assert ctrl.step_time(16, k, 16) == pytest.approx(3 * cost(16, k))
+    assert ctrl.choose(16) == k0
+
+
+def test_borrowing_buckets_probe_early_only_when_extrapolated():
+    cost = (lambda b, k: 0.020 + 0.004 * b * (k + 1))
+    config = ControllerConfig(max_tokens=4, probe_every=16, max_probe_every=16, extrapolated_probe=4)
+    ctrl = SpecController(config)
+    measure(ctrl, cost, alpha=0.8, batches=(1, 8))
+    # bucket 32 lies beyond the modelled ones: the 4th step probes the candidate farthest from
+    # the measured one, so the bucket gets a wide line in k of its own
+    chosen = first_steps(ctrl, cost, 32, 5)
+    assert chosen[:3] == [chosen[0]] * 3 and chosen[3] == (4 if chosen[0] < 2 else 0)
+    assert len(ctrl.times[32]) == 2
+    # bucket 4 lies between modelled buckets: no probe before the usual probe_every steps
+    chosen = first_steps(ctrl, cost, 4, 15)
+    assert chosen == [chosen[0]] * 15
+
+
+def test_tree_buckets_borrow_zero_or_the_tree():
+    cost = (lambda b, k: 0.020 + 0.004 * b * (k + 1))
+    ctrl = SpecController(ControllerConfig(max_tokens=8, tree=True))
+    measure(ctrl, cost, alpha=0.9)
+    assert all(set(ctrl.times[b]) == {0, 8} for b in (1, 4))
+    assert ctrl.choose(64) == 0 and ctrl.choose(2) == 8
+
+
+def wander(seed: int, steps: int = 800, top: int = 64) -> list[int]:
+    """Batch sizes of a random walk over 1..top, as requests start and finish."""
+    rng = random.Random(seed)
+    batch, out = 1, []
+    for _ in range(steps):
+        batch = min(top, max(1, batch + rng.randint(-3, 3)))
+        out.append(batch)
+    return out
+
+
+def test_wandering_batches_borrow_instead_of_exploring():
+    # drafting all 4 pays at batch 1, plain decoding from batch 36 on, in between 1..3
+    alpha, kmax = 0.8, 4
+
+    def cost(b, k):
+        return 0.010 + 0.001 * k + 0.001 * b * (k + 1)
+
+    def tokens(k):  # expected tokens per sequence and step
+        return sum(alpha ** i for i in range(k + 1))
+
+    def rate(b, k):  # expected tokens per second per sequence
+        return tokens(k) / cost(b, k)
+
+    assert max(range(kmax + 1), key=lambda k: rate(1, k)) == kmax
+    assert max(range(kmax + 1), key=lambda k: rate(64, k)) == 0
+
+    def run(borrow: bool, seed: int) -> tuple[int, float]:
+        """(steps that lose > 5% to the best k while their bucket has < 2 points of its own, not
+        counting probes; tokens/s)."""
+        rng = random.Random(seed)
+        ctrl = SpecController(ControllerConfig(kmax, borrow=borrow))
+        wrong, made, seconds = 0, 0.0, 0.0
+        for b in wander(seed):
+            fresh = len(ctrl.times.get(bucket_of(b), {})) < 2
+            probes = sum(ctrl.probes.values())
+            k = ctrl.choose(b)
+            probe = sum(ctrl.probes.values()) > probes
+            best = max(rate(b, j) for j in range(kmax + 1))
+            wrong += int(fresh and not probe and rate(b, k) < 0.95 * best)
+            made += b * tokens(k)
+            seconds += cost(b, k)
+            ctrl.record_time(b, k, cost(b, k))
+            for _ in range(b):
+                a = 0
+                while a < k and rng.random() < alpha:
+                    a += 1
+                ctrl.record_accept(k, a)
+        return wrong, made / seconds
+
+    for seed in range(3):
+        assert len({bucket_of(b) for b in wander(seed)}) == 7  # buckets 1..64 all visited
+    borrowed = [run(True, seed) for seed in range(3)]
+    explored = [run(False, seed) for seed in range(3)]
+    # without borrowing each of the 7 buckets explores k_max then 0 (one of them, or both, wrong
+    # here); with it only the first two modelled buckets explore, the rest start from a prediction
+    assert sum(w for w, _ in explored) >= 3 * 7
+    assert 2 * sum(w for w, _ in borrowed) <= sum(w for w, _ in explored)
+    # ...and the steps after a bucket has its own model are no worse off
+    for (_, with_rate), (_, without_rate) in zip(borrowed, explored):
+        assert with_rate >= 0.99 * without_rate
+
+
 def test_bad_controller_config():
     with pytest.raises(ConfigError):
         ControllerConfig(max_tokens=0)
@@ -110,6 +260,10 @@ def test_bad_controller_config():
         ControllerConfig(max_tokens=3, probe_every=1)
     with pytest.raises(ConfigError):
         ControllerConfig(max_tokens=3, probe_every=64, max_probe_every=32)
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=3, extrapolated_probe=1)
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=3, borrow="no")
 
 
 @pytest.fixture(scope="module")

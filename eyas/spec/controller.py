@@ -10,8 +10,30 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   rate at which draft position j is accepted once positions < j were (decayed counts, so it
   follows drift). For trees the candidates are {0, n}; E[tokens | n] is a running mean.
 - time(B, k): an exponential moving average of measured step times (draft + verify) per batch
-  bucket (powers of two) and k (the first sample, which pays one-time costs, is replaced). Unmeasured k in a bucket come from a least-squares line through
-  the measured ones; a bucket first tries k_max, then 0, to get two points.
+  bucket (powers of two) and k (the first sample, which pays one-time costs, is replaced).
+  A bucket's own data come first: a measured k is used as is, and once >= 2 k are measured
+  the others lie on the least-squares line through them (the bucket is then "modelled").
+- A bucket with fewer than two measured k borrows from the modelled buckets, once there are at
+  least two of them (one alone shows no trend in batch size). Only the time relative to other
+  k matters for the choice, so borrowing is about the shape of t(k):
+  * no data: each k's time is affine in the batch size (a fixed cost per step plus a cost per
+    sequence). A modelled bucket's time for k sits at the mean batch size of the steps behind
+    it (a bucket spans a factor of two), and the prediction is for the step's actual batch.
+    Between two modelled buckets it is interpolated from the nearest one on each side. Beyond
+    them it follows the line through the two nearest ones, with the plain-step time kept
+    between "flat" and "proportional to batch", and the drafting cost ratio t(k)/t(0) kept
+    physical: >= 1 and growing with batch up to about k+1 (toward smaller batches it lies
+    between 1 and the nearest bucket's ratio, toward larger ones between that ratio and k+1).
+  * one measured k0 (time t0): the borrowed shape at the bucket's own level,
+    t(b, k) = t0 * borrowed(b, k) / borrowed(b, k0), so the level of one (maybe inflated first)
+    sample does not change which k looks best.
+  Such a bucket runs the predicted best k from its first step. Its first probe runs the
+  candidate farthest from its measured k, which gives it a wide least-squares line of its own;
+  it comes early (step `extrapolated_probe`) when the times were extrapolated, since a trend
+  seen at other batch sizes can break (a GPU stops being latency bound), and after the usual
+  `probe_every` steps when they were interpolated. Only while fewer than two buckets are
+  modelled (or with `borrow` off) does a new bucket explore on its own: it first tries
+  k_max, then 0, to get two points.
 - Every `probe_every` steps in a bucket it runs a candidate other than the best (round robin),
   so stale times and acceptance for unused depths get refreshed. While the best choice holds,
   the interval doubles up to `max_probe_every` (a probe after a run of plain steps also pays
@@ -38,6 +60,8 @@ class ControllerConfig:
     max_probe_every: int = 512  # ...doubling up to this while the best choice stays the same
     prior_accept: float = 0.6  # alpha_j before any data (with prior_weight pseudo-counts)
     prior_weight: float = 4.0
+    borrow: bool = True  # buckets without a model of their own borrow step times from others
+    extrapolated_probe: int = 4  # first probe of a bucket whose borrowed times are extrapolated
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -47,11 +71,40 @@ class ControllerConfig:
         if not 2 <= self.probe_every <= self.max_probe_every:
             raise ConfigError(f"need 2 <= probe_every <= max_probe_every, got {self.probe_every}, "
                               f"{self.max_probe_every}")
+        if not isinstance(self.borrow, bool):
+            raise ConfigError(f"borrow must be True or False, got {self.borrow!r}")
+        if self.extrapolated_probe < 2:
+            raise ConfigError(f"need extrapolated_probe >= 2, got {self.extrapolated_probe}")
 
 
 def bucket_of(batch: int) -> int:
     """Smallest power of two >= batch."""
     return 1 << max(0, (int(batch) - 1).bit_length())
+
+
+# a trend in batch size needs two modelled buckets; with fewer a new bucket explores on its own
+MIN_SOURCES = 2
+
+
+def line_fit(points: dict[int, float], k: int) -> float:
+    """Value at k of the least-squares line through >= 2 points {k: seconds}."""
+    ks, ts = list(points), list(points.values())
+    mk, mt = sum(ks) / len(ks), sum(ts) / len(ts)
+    var = sum((x - mk) ** 2 for x in ks)
+    slope = sum((x - mk) * (y - mt) for x, y in zip(ks, ts)) / var
+    return max(mt + slope * (k - mk), 1e-9)
+
+
+def along_batch(x: float, x1: float, t1: float, x2: float, t2: float) -> float:
+    """Step time at batch size x from times t1, t2 at batch sizes x1 < x2, affine in batch size
+    (fixed cost per step + cost per sequence). Outside [x1, x2] the line is clamped between the
+    nearest point's time (flat) and that time scaled by the batch ratio (proportional)."""
+    t = t1 + (t2 - t1) * (x - x1) / (x2 - x1)
+    if x1 <= x <= x2:
+        return t
+    near_x, near_t = (x1, t1) if x < x1 else (x2, t2)
+    lo, hi = sorted((near_t, near_t * x / near_x))
+    return min(max(t, lo), hi)
 
 
 class SpecController:
@@ -64,6 +117,7 @@ class SpecController:
         self.tree_tokens: Optional[float] = None  # running mean tokens/sequence of tree steps
         self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> EMA seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
+        self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> batch size of those
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
         self.best: dict[int, int] = {}  # bucket -> current best k
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
@@ -87,24 +141,93 @@ class SpecController:
             total += run
         return total
 
-    def step_time(self, bucket: int, k: int) -> Optional[float]:
-        """Measured or interpolated seconds per step; None when the bucket has no data."""
+    def own_time(self, bucket: int, k: int) -> Optional[float]:
+        """Seconds per step from the bucket's own data: measured, or on the least-squares line in
+        k once >= 2 k are measured; None otherwise."""
         known = self.times.get(bucket, {})
         if k in known:
             return known[k]
-        if len(known) < 2:
+        return line_fit(known, k) if len(known) >= 2 else None
+
+    def batch_behind(self, bucket: int, k: int) -> float:
+        """Mean batch size of the steps behind a modelled bucket's time for k (measured k: its
+        own steps; fitted k: the mean over the measured ones)."""
+        if (bucket, k) in self.batch_at:
+            return self.batch_at[(bucket, k)]
+        at = [self.batch_at[(bucket, j)] for j in self.times[bucket]]
+        return sum(at) / len(at)
+
+    def across(self, batch: int, b1: int, b2: int, k: int) -> float:
+        """Time for k at `batch` on the line (in batch size) through modelled buckets b1 < b2."""
+        return along_batch(batch, self.batch_behind(b1, k), self.own_time(b1, k),
+                           self.batch_behind(b2, k), self.own_time(b2, k))
+
+    def sources(self, bucket: int) -> list[int]:
+        """Modelled buckets (>= 2 measured k) other than `bucket` that it can borrow from, sorted;
+        empty when borrowing is off or there are too few for a trend in batch size."""
+        if not self.config.borrow:
+            return []
+        found = sorted(b for b, known in self.times.items() if b != bucket and len(known) >= 2)
+        return found if len(found) >= MIN_SOURCES else []
+
+    def extrapolated(self, bucket: int) -> bool:
+        """Whether the bucket borrows from sources that lie all on one side of it."""
+        found = self.sources(bucket)
+        return bool(found) and not found[0] < bucket < found[-1]
+
+    def borrowed_time(self, bucket: int, k: int, batch: int) -> Optional[float]:
+        """Seconds per step for k at `batch` (in `bucket`) predicted from the two nearest modelled
+        buckets (the ones bracketing it, else the two nearest on one side); None without any."""
+        found = self.sources(bucket)
+        if not found:
             return None
-        ks, ts = list(known), list(known.values())
-        mk, mt = sum(ks) / len(ks), sum(ts) / len(ts)
-        var = sum((x - mk) ** 2 for x in ks)
-        slope = sum((x - mk) * (y - mt) for x, y in zip(ks, ts)) / var
-        return max(mt + slope * (k - mk), 1e-9)
+        below = [b for b in found if b < bucket]
+        above = [b for b in found if b > bucket]
+        if below and above:  # interpolation: between the neighbours' times, for every k
+            return self.across(batch, below[-1], above[0], k)
+        b1, b2 = (above[0], above[1]) if above else (below[-2], below[-1])
+        t0 = self.across(batch, b1, b2, 0)
+        if k == 0:
+            return t0
+        # extrapolation: the cost of drafting relative to a plain step, t(k)/t(0), follows the
+        # lines but stays physical: it is >= 1 (drafting never makes a step cheaper) and grows
+        # with batch (fixed costs weigh less), up to k+1 (k+1 tokens per sequence cost about k+1
+        # plain steps). So toward smaller batches it lies between 1 and the nearest bucket's
+        # ratio, toward larger ones between that ratio and k+1 (or that ratio, if above k+1).
+        near = b1 if above else b2
+        ratio = self.across(batch, b1, b2, k) / t0
+        near_ratio = max(self.own_time(near, k) / self.own_time(near, 0), 1.0)
+        lo, hi = (1.0, near_ratio) if above else (near_ratio, max(near_ratio, k + 1.0))
+        return t0 * min(max(ratio, lo), hi)
+
+    def step_time(self, bucket: int, k: int, batch: Optional[int] = None) -> Optional[float]:
+        """Seconds per step: the bucket's own (measured or fitted) time, else borrowed from other
+        buckets for `batch` (default: the bucket's size), rescaled to the bucket's one
+        measurement if it has one; None when neither."""
+        own = self.own_time(bucket, k)
+        if own is not None:
+            return own
+        batch = bucket if batch is None else batch
+        guess = self.borrowed_time(bucket, k, batch)
+        known = self.times.get(bucket, {})
+        if guess is None or not known:
+            return guess
+        (k0, t0), = known.items()  # own_time covers >= 2 measured k
+        return t0 * guess / self.borrowed_time(bucket, k0, batch)
 
     def throughput(self, batch: int, k: int) -> Optional[float]:
-        t = self.step_time(bucket_of(batch), k)
+        t = self.step_time(bucket_of(batch), k, batch)
         return None if t is None else batch * self.expected_tokens(k) / t
 
     # ----------------------------------------------------------------- choose
+    def first_probe(self, bucket: int) -> int:
+        """Step of a bucket's first probe: early while its times are extrapolated (a trend seen
+        at other batch sizes can break, e.g. where a GPU stops being latency bound), else the
+        base interval."""
+        if len(self.times.get(bucket, {})) < 2 and self.extrapolated(bucket):
+            return min(self.config.extrapolated_probe, self.config.probe_every)
+        return self.config.probe_every
+
     def choose(self, batch: int) -> int:
         """Draft tokens per sequence for a step with `batch` decoding sequences (0: don't draft)."""
         if batch <= 0:
@@ -112,18 +235,22 @@ class SpecController:
         b = bucket_of(batch)
         known = self.times.get(b, {})
         n = self.steps[b] = self.steps.get(b, 0) + 1
-        for k in (self.config.max_tokens, 0):  # two measured points before any model
-            if k not in known:
-                return k
+        if len(known) < 2 and not self.sources(b):  # nothing to borrow: explore on our own
+            for k in (self.config.max_tokens, 0):  # two measured points before any model
+                if k not in known:
+                    return k
         best = max(self.candidates, key=lambda k: self.throughput(batch, k))
         if best != self.best.get(b):  # the choice moved: probe at the base rate again
             self.best[b], self.interval[b] = best, self.config.probe_every
-        if n >= self.next_probe.get(b, self.config.probe_every):
+        if n >= self.next_probe.get(b, self.first_probe(b)):
             # probes back off (x2 up to max_probe_every) while the best choice holds
             self.next_probe[b] = n + self.interval[b]
             self.interval[b] = min(2 * self.interval[b], self.config.max_probe_every)
             others = [k for k in self.candidates if k != best]
             self.probes[b] = self.probes.get(b, 0) + 1
+            if len(known) == 1:  # a borrowing bucket's first own line in k: make it span widely
+                (k0,) = known
+                return max(others, key=lambda k: abs(k - k0))
             return others[self.probes[b] % len(others)]
         return best
 
@@ -139,6 +266,8 @@ class SpecController:
         # the first step of a shape pays one-time costs (kernel selection, allocations): the
         # second sample replaces it instead of averaging with it
         known[k] = seconds if n <= 2 else (1 - w) * known[k] + w * seconds
+        at = self.batch_at.get((b, k), batch)  # where in the bucket those times were taken
+        self.batch_at[(b, k)] = batch if n <= 2 else (1 - w) * at + w * batch
 
     def record_accept(self, drafted: int, accepted: int) -> None:
         """One sequence drafted `drafted` tokens and `accepted` of them were accepted."""
