@@ -141,6 +141,7 @@ class RemoteTarget:
         self.steps = itertools.count()
         self.moves: tuple[list[int], list[int]] = ([], [])
         self.finished: list[str] = []  # requests that ended: rank 0 drops their RNG
+        self.worker_seconds = 0.0  # rank 0's time on plans, summed (the rest is control plane)
 
     def execute(self, items: list[StepItem]) -> StepOutcome:
         send_features = self.link.alive
@@ -161,6 +162,7 @@ class RemoteTarget:
             stream.send(plan)
         results = [stream.recv() for stream in self.group.targets]  # WorkerError: a shard is gone
         r0 = results[0]
+        self.worker_seconds += r0.worker_seconds
         self.moves = (list(r0.move_src), list(r0.move_dst))
         out = StepOutcome(tokens=[list(r.token_ids) or None for r in r0.items],
                           logprobs=[protocol.logprobs_from_json(r.logprobs_json) for r in r0.items],

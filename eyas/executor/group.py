@@ -87,9 +87,11 @@ class WorkerGroup:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            # Ray renices its workers by +15 by default (worker_niceness); model workers are the
+            # latency path, so they keep this process's priority
             need = self.world_size * self.config.worker_cpus
             ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-                     log_to_driver=False)
+                     log_to_driver=False, _system_config={"worker_niceness": 0})
         return ray
 
     def _check_fits(self, bundles: list[dict]) -> None:

@@ -14,6 +14,7 @@ simply never waited for.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -139,8 +140,14 @@ class TargetWorker:
                                                           lookahead, self.device, self.dtype)
         self.runner.aux_layer_ids = self.aux_layer_ids
 
-    @torch.inference_mode()
     def step(self, plan: pb.StepPlan) -> pb.StepResult:
+        t0 = time.perf_counter()
+        reply = self._step(plan)
+        reply.worker_seconds = time.perf_counter() - t0
+        return reply
+
+    @torch.inference_mode()
+    def _step(self, plan: pb.StepPlan) -> pb.StepResult:
         protocol.check_version(plan.version)
         if plan.move_src:
             move_kv(self.kv_caches, torch.tensor(list(plan.move_src), device=self.device),

@@ -83,18 +83,20 @@ class StepItemResult(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., num_valid: _Optional[int] = ..., accepted: _Optional[int] = ..., logprobs_json: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("version", "step", "items", "move_src", "move_dst")
+    __slots__ = ("version", "step", "items", "move_src", "move_dst", "worker_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MOVE_SRC_FIELD_NUMBER: _ClassVar[int]
     MOVE_DST_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     step: int
     items: _containers.RepeatedCompositeFieldContainer[StepItemResult]
     move_src: _containers.RepeatedScalarFieldContainer[int]
     move_dst: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., items: _Optional[_Iterable[_Union[StepItemResult, _Mapping]]] = ..., move_src: _Optional[_Iterable[int]] = ..., move_dst: _Optional[_Iterable[int]] = ...) -> None: ...
+    worker_seconds: float
+    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., items: _Optional[_Iterable[_Union[StepItemResult, _Mapping]]] = ..., move_src: _Optional[_Iterable[int]] = ..., move_dst: _Optional[_Iterable[int]] = ..., worker_seconds: _Optional[float] = ...) -> None: ...
 
 class Observed(_message.Message):
     __slots__ = ("request_id", "start", "num_rows")
