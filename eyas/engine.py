@@ -115,9 +115,11 @@ def build_target_runner(model, config: EngineConfig, num_blocks: int, lookahead:
 
 
 def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, device: torch.device,
-                   dtype: torch.dtype):
+                   dtype: torch.dtype, warm_up: bool = True):
     """The EAGLE-3 proposer over its own KV cache (same block ids and size as the target's).
-    `target` gives the token embedding (`embed`) and `vocab_size`."""
+    `target` gives the token embedding (`embed`) and `vocab_size`. When compiling, chain drafts
+    run their q = 1 steps through compiled graphs (warmed up when `warm_up` and the config ask);
+    trees stay eager."""
     from eyas.spec.proposer import Eagle3Proposer
 
     spec = config.spec
@@ -125,10 +127,19 @@ def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, devic
     # the allocator's, never handed out (see spec/tree.py).
     scratch = config.max_num_seqs * (spec.steps - 1) * spec.topk if spec.topk > 1 else 0
     scratch_blocks = -(-scratch // config.block_size)
+    compiled = use_graphs(config, device) and spec.topk == 1 and spec.steps > 1  # chains with steps j >= 1
+    pad_blocks = 1 if compiled else 0  # after the scratch blocks: padded rows of compiled steps
     layout = KVLayout(drafter.num_kv_heads, drafter.head_dim, 1)
-    draft_kv = allocate_kv(layout, num_blocks + scratch_blocks, config.block_size, dtype, device)[0]
-    return Eagle3Proposer(drafter, target, draft_kv, config.block_size, device, steps=spec.steps, topk=spec.topk,
-                          num_paged_blocks=num_blocks)
+    total_blocks = num_blocks + scratch_blocks + pad_blocks
+    draft_kv = allocate_kv(layout, total_blocks, config.block_size, dtype, device)[0]
+    proposer = Eagle3Proposer(drafter, target, draft_kv, config.block_size, device, steps=spec.steps,
+                              topk=spec.topk, num_paged_blocks=num_blocks)
+    if compiled:
+        proposer.enable_graphs((num_blocks + scratch_blocks) * config.block_size, config.max_num_seqs,
+                               backend=config.compile_backend)
+        if warm_up and config.compile_warmup:
+            log.info("compiled %d draft step graphs", proposer.warm_up(progress=True))
+    return proposer
 
 
 def make_controller(spec):

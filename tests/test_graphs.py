@@ -1,13 +1,16 @@
-"""Compiled decode/verify steps on padded buckets give the eager engine's output (greedy)."""
+"""Compiled decode/verify steps (and the drafter's chain steps) on padded buckets give the eager
+engine's output (greedy)."""
 import pytest
 import torch
 
 from eyas import SamplingParams
-from eyas.workers.graphs import batch_buckets, pad_inputs, round_up
+from eyas.workers.graphs import batch_buckets, pad_inputs, pad_rows, round_up
 from eyas.workers.input_batch import SeqSpan, build_forward_inputs
 from test_engine import PROMPTS, run_all
 
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+DRAFT = dict(spec_steps=3, spec_policy="fixed")
+COMPILED = dict(eager=False, compile_backend="aot_eager", compile_warmup=False, max_num_seqs=4)
 
 
 def test_buckets():
@@ -33,6 +36,13 @@ def test_pad_inputs_keeps_real_rows_and_isolates_padding():
     assert (p.attn.kv_slots[2:] == pad_slot).all()
 
 
+def test_pad_rows():
+    x = torch.arange(6.0).view(3, 2)  # [3, 2]
+    assert torch.equal(pad_rows(x, 5), torch.cat([x, torch.zeros(2, 2)]))
+    assert pad_rows(x, 3) is x
+    assert pad_rows(torch.tensor([4, 5]), 4, value=9).tolist() == [4, 5, 9, 9]
+
+
 @pytest.fixture(scope="module")
 def eager_out(tiny_engine_factory):
     return run_all(tiny_engine_factory(), PROMPTS[:3], PARAMS, stagger=1)
@@ -51,11 +61,60 @@ def test_compiled_steps_equal_eager(tiny_engine_factory, eager_out):
 
 
 def test_compiled_verify_equals_eager(tiny_engine_factory, tiny_drafter_path, eager_out):
-    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=3, spec_policy="fixed",
-                                 eager=False, compile_backend="aot_eager", compile_warmup=False,
-                                 max_num_seqs=4)
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), **DRAFT, **COMPILED)
     assert run_all(engine, PROMPTS[:3], PARAMS, stagger=1) == eager_out
     assert any(q == 4 for _, q, _ in engine.runner.graphs.seen)  # verify steps: 3 drafts + 1
+
+
+def record_drafts(engine) -> list[list[list[int]]]:
+    """Record the draft tokens of every propose call of the engine's proposer: [call][seq][K]."""
+    proposer, calls = engine.spec.proposer, []
+    propose = proposer.propose
+
+    def recording(seqs, num_tokens):
+        drafts = propose(seqs, num_tokens)
+        calls.append([d.tokens for d in drafts])
+        return drafts
+
+    proposer.propose = recording
+    return calls
+
+
+def run_with_drafts(engine) -> tuple[dict, list]:
+    calls = record_drafts(engine)
+    return run_all(engine, PROMPTS[:3], PARAMS, stagger=1), calls
+
+
+@pytest.fixture(scope="module")
+def eager_draft_out(tiny_engine_factory, tiny_drafter_path):
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), **DRAFT)
+    assert engine.spec.proposer.graphs is None
+    return run_with_drafts(engine)
+
+
+def test_compiled_draft_steps_equal_eager(tiny_engine_factory, tiny_drafter_path, eager_draft_out):
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), **DRAFT, **COMPILED)
+    graphs = engine.spec.proposer.graphs
+    assert graphs is not None
+    assert run_with_drafts(engine) == eager_draft_out  # same tokens, and the same drafts
+    assert {b for b, _, _ in graphs.seen} >= {1, 2, 4}  # 1, 2 and 3 (padded to 4) drafting sequences
+    assert all(q == 1 and k % 256 == 0 for _, q, k in graphs.seen)
+
+
+def test_draft_warm_up_writes_only_the_pad_slot(tiny_engine_factory, tiny_drafter_path):
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), **DRAFT, **{**COMPILED, "max_num_seqs": 2})
+    proposer, blocks, bs = engine.spec.proposer, engine.num_blocks, engine.config.block_size
+    k_cache, v_cache = proposer.kv_cache  # [blocks + 1 pad block, Bs, Hkv, D] each
+    assert k_cache.shape[0] == blocks + 1 and proposer.graphs.pad_slot == blocks * bs
+    assert proposer.warm_up() == 2 and proposer.graphs.seen == {(1, 1, 256), (2, 1, 256)}
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, *cache.shape[2:])  # [slots, Hkv, D]
+        assert not flat[:blocks * bs].any() and flat[blocks * bs].any()  # pad slot only
+
+
+def test_tree_drafts_stay_eager(tiny_engine_factory, tiny_drafter_path):
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=3, spec_topk=2, **COMPILED)
+    assert engine.spec.proposer.graphs is None and engine.runner.graphs is not None
 
 
 def test_eager_env_turns_compiling_off(tiny_engine_factory, monkeypatch):

@@ -15,6 +15,11 @@ Draft steps write speculative KV at positions >= L-1; the next extend overwrites
 With topk > 1 the same extend is followed by a best-first tree search (spec/tree.py): each
 tree step expands up to topk nodes per sequence at one depth, and their drafter K/V goes to
 scratch rows of the drafter's cache instead of paged slots.
+
+With `enable_graphs` the chain steps (j >= 1: one query per sequence) run through a compiled
+forward + logits on bucketed shapes (workers/graphs.py `DraftGraphRunner`); padded rows write
+only the drafter cache's pad slot. The extend pass (variable lengths) and tree steps (their
+batches are per-node tree attention over scratch rows) stay eager.
 """
 from __future__ import annotations
 
@@ -24,9 +29,12 @@ from typing import Optional
 import torch
 
 from eyas.core import Sequence
+from eyas.layers.attention import AttentionBatch
 from eyas.layers.sampler import processed_probs, sample_from_probs
 from eyas.spec.tree import TreeDraft, TreeSearch
-from eyas.workers.input_batch import SeqSpan, build_forward_inputs, build_scratch_tree_batch, slots_for
+from eyas.workers.graphs import DraftGraphRunner
+from eyas.workers.input_batch import (ForwardInputs, SeqSpan, build_forward_inputs, build_scratch_tree_batch,
+                                      slots_for)
 
 
 @dataclass
@@ -86,6 +94,48 @@ class Eagle3Proposer(Proposer):
         self.states: dict[str, DraftState] = {}
         d2t = drafter.map_to_target(torch.arange(drafter.draft_vocab_size, device=drafter.d2t.device))
         self.draft_to_target = d2t.to(device)  # [Vd] target id of each draft id
+        self.graphs: Optional[DraftGraphRunner] = None  # compiled chain steps (see enable_graphs)
+
+    # ------------------------------------------------------------ compiled chain steps
+    def enable_graphs(self, pad_slot: int, max_batch: int, backend: Optional[str] = None) -> DraftGraphRunner:
+        """Run chain steps (topk == 1, j >= 1) through compiled graphs on batch buckets up to
+        max_batch. pad_slot: a slot of kv_cache past the paged and scratch rows that no sequence
+        owns (the cache rows from it on are not scratch). Trees stay eager."""
+        end = self.kv_cache[0].shape[0] * self.block_size
+        if not self.scratch_start <= pad_slot < end:
+            raise ValueError(f"drafter pad slot {pad_slot} must lie past the paged slots "
+                             f"[0, {self.scratch_start}) and inside the cache of {end} slots")
+        self.scratch_slots = min(self.scratch_slots, pad_slot - self.scratch_start)
+        self.graphs = DraftGraphRunner(self._draft_step, self.kv_cache, self.device, pad_slot, max_batch,
+                                       backend=backend)
+        return self.graphs
+
+    @torch.inference_mode()
+    def warm_up(self, progress: bool = False) -> int:
+        """Compile every batch bucket of the chain step now (shortest key bucket); returns graphs."""
+        from tqdm import tqdm
+
+        graphs = self.graphs
+        pad = SeqSpan([0], graphs.pad_slot % self.block_size, [graphs.pad_slot // self.block_size])
+        for b in tqdm(graphs.buckets, desc="compile draft", disable=not progress, leave=False):
+            inputs = build_forward_inputs([pad] * b, self.block_size, self.device)  # writes pad_slot only
+            embeds = self.target.embed(inputs.input_ids)  # [b, H]
+            graphs.run(embeds, torch.zeros_like(embeds), inputs, self.kv_cache)
+        return len(graphs.buckets)
+
+    def _draft_step(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                    attn: AttentionBatch, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One drafter pass: embeds [T, H], hidden [T, H] -> (out [T, H], logits [T, Vd] fp32)."""
+        out = self.drafter(embeds, hidden, positions, attn, kv_cache)
+        return out, self.drafter.compute_logits(out)
+
+    def _chain_step(self, embeds: torch.Tensor, hidden: torch.Tensor,
+                    inputs: ForwardInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """A q = 1 step over S sequences: embeds [S, H], hidden [S, H] -> (out [S, H], logits
+        [S, Vd]); compiled on a bucket when graphs are enabled."""
+        if self.graphs is not None and self.graphs.can_run(embeds.shape[0]):
+            return self.graphs.run(embeds, hidden, inputs, self.kv_cache)
+        return self._draft_step(embeds, hidden, inputs.positions, inputs.attn, self.kv_cache)
 
     # ------------------------------------------------------------ bookkeeping
     def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor],
@@ -159,9 +209,8 @@ class Eagle3Proposer(Proposer):
             last, tokens = last[keep], tokens[keep]
             spans = [SeqSpan([0], len(seqs[i]) - 2 + j, seqs[i].block_table) for i in active]
             inputs = build_forward_inputs(spans, bs, self.device)
-            out = drafter(self.target.embed(tokens), last, inputs.positions, inputs.attn, self.kv_cache)
-            last = out  # [s, H]
-            tokens, qs = self._pick(drafter.compute_logits(out), [seqs[i] for i in active])
+            last, logits = self._chain_step(self.target.embed(tokens), last, inputs)  # [s, H], [s, Vd]
+            tokens, qs = self._pick(logits, [seqs[i] for i in active])
             for i, t, q in zip(active, tokens.tolist(), qs):
                 drafts[i].tokens.append(int(t))
                 if q is not None:
