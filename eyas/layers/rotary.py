@@ -161,6 +161,5 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] rotated by cos/sin [T, 1, D] (from RotaryEmbedding) -> new [T, H, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    swapped = torch.cat((x2, x1), dim=-1)  # [T, H, D]
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # [T, H, D]: halves swapped, [x2, x1]
     return torch.addcmul(x * cos, swapped, sin)

@@ -1,7 +1,13 @@
-"""Turn a step's per-sequence spans into the flat tensors a forward pass needs."""
+"""Turn a step's per-sequence spans into the flat tensors a forward pass needs.
+
+build_forward_inputs runs once per step, before every layer: it builds everything on the CPU
+with a fixed handful of whole-batch tensor ops (per-sequence tensor work only for speculative
+tree spans), then moves each result to the device once.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate, chain
 from typing import Optional, Sequence as Seq
 
 import torch
@@ -39,6 +45,73 @@ def slots_for(block_table: Seq[int], start: int, end: int, block_size: int) -> t
     return table[pos // block_size] * block_size + pos % block_size
 
 
+@dataclass
+class QueryGrid:
+    """The [B, Qmax] grid of padded queries: query i of sequence b is grid cell (b, i), flat
+    token rows are the valid cells in row-major order."""
+
+    q_index: torch.Tensor  # [B, Qmax] flat row of query i of seq b; T for padding
+    out_index: torch.Tensor  # [T] grid cell b * Qmax + i of each flat token
+    valid: Optional[torch.Tensor]  # [B, Qmax] bool: cell holds a real token; None: all do
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Qmax] per cell -> [T] per flat token."""
+        return x.reshape(-1) if self.valid is None else x[self.valid]
+
+
+def query_grid(lens: Seq[int]) -> QueryGrid:
+    """Flat tokens in sequence order, lens[b] of them for sequence b."""
+    num_seqs, q_max, total = len(lens), max(lens), sum(lens)
+    if total == num_seqs * q_max:  # uniform: flat rows are the grid cells
+        rows = torch.arange(total)  # [T]
+        return QueryGrid(rows.view(num_seqs, q_max), rows, None)
+    lens_t = torch.tensor(lens, dtype=torch.long)  # [B]
+    valid = torch.arange(q_max)[None, :] < lens_t[:, None]  # [B, Qmax]
+    q_index = torch.full((num_seqs, q_max), total, dtype=torch.long)
+    q_index[valid] = torch.arange(total)
+    out_index = torch.arange(num_seqs * q_max).view(num_seqs, q_max)[valid]  # [T]
+    return QueryGrid(q_index, out_index, valid)
+
+
+def block_grid(tables: Seq[Seq[int]], num_blocks: Seq[int], width: int) -> torch.Tensor:
+    """The first num_blocks[b] entries of each block table, zero-padded to [B, width]."""
+    rows = []
+    for table, n in zip(tables, num_blocks):
+        head = table[:n].tolist() if isinstance(table, torch.Tensor) else list(table[:n])
+        if len(head) < n:
+            raise ValueError(f"block table has {len(table)} blocks, the span needs {n}")
+        rows.append(head + [0] * (width - n))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def kv_slot_grid(tables: Seq[Seq[int]], kv_lens: Seq[int], block_size: int) -> torch.Tensor:
+    """[B, Kmax] cache slot of key j of seq b (slots_for over [0, kv_len)); padding keys: 0."""
+    num_seqs, k_max = len(kv_lens), max(kv_lens)
+    width = -(-k_max // block_size)
+    table = block_grid(tables, [-(-n // block_size) for n in kv_lens], width)  # [B, width]
+    offsets = torch.arange(block_size)  # [Bs]
+    slots = (table[:, :, None] * block_size + offsets).view(num_seqs, width * block_size)
+    slots = slots[:, :k_max]  # [B, Kmax]
+    if min(kv_lens) < k_max:
+        past_end = offsets.new_tensor(kv_lens)[:, None] <= torch.arange(k_max)  # [B, Kmax]
+        slots = slots.masked_fill(past_end, 0)
+    return slots
+
+
+def apply_trees(spans: Seq[SeqSpan], lens: Seq[int], positions: torch.Tensor,
+                mask: torch.Tensor) -> None:
+    """Tree spans, in place on the [B, Qmax] positions and [B, Qmax, Kmax] mask: tree tokens see
+    their ancestors only and sit at position tree_start + depth, where depth = (number of
+    ancestors in tree_mask) - 1."""
+    for b, span in enumerate(spans):
+        if span.tree_mask is None:
+            continue
+        n, n_tree = lens[b], span.tree_mask.shape[0]
+        tree_start = span.start + n - n_tree  # key (and chain position) of the tree's root
+        positions[b, n - n_tree:n] = tree_start + span.tree_mask.sum(dim=1) - 1
+        mask[b, n - n_tree:n, tree_start:tree_start + n_tree] = span.tree_mask
+
+
 def build_forward_inputs(spans: Seq[SeqSpan], block_size: int,
                          device: torch.device | str = "cpu") -> ForwardInputs:
     """Flatten spans into input_ids/positions and an AttentionBatch.
@@ -46,58 +119,46 @@ def build_forward_inputs(spans: Seq[SeqSpan], block_size: int,
     Positions: for a chain, position = start + i. For a tree span, tree tokens take
     position = start_of_tree + depth, where depth = (number of ancestors in tree_mask) - 1.
     The KV slot of tree token i is still start + i (tree tokens occupy consecutive slots).
+
+    Everything is computed over the [B, Qmax] grid of padded queries, then the valid cells are
+    taken in order (a reshape when every sequence has Qmax tokens, e.g. decode and verify).
     """
-    num_seqs = len(spans)
     lens = [len(s.token_ids) for s in spans]
-    q_max = max(lens)
     kv_lens = [s.start + n for s, n in zip(spans, lens)]
-    k_max = max(kv_lens)
-    total = sum(lens)
+    query_start = list(accumulate(lens, initial=0))
+    has_tree = any(s.tree_mask is not None for s in spans)
 
-    input_ids, positions, slot_mapping = [], [], []
-    q_index = torch.full((num_seqs, q_max), total, dtype=torch.long)
-    out_index = torch.empty(total, dtype=torch.long)
-    kv_slots = torch.zeros(num_seqs, k_max, dtype=torch.long)
-    mask = torch.zeros(num_seqs, 1, q_max, k_max, dtype=torch.bool)
-    query_start = [0]
-    offset = 0
-    for b, (span, n) in enumerate(zip(spans, lens)):
-        kv_len = span.start + n
-        slots = slots_for(span.block_table, 0, kv_len, block_size)  # [kv_len]
-        kv_slots[b, :kv_len] = slots
-        slot_mapping.append(slots[span.start:])
-        input_ids.append(torch.as_tensor(span.token_ids, dtype=torch.long))
-        pos = torch.arange(span.start, kv_len)
-        key_pos = torch.arange(kv_len)
-        seq_mask = key_pos[None, :] <= pos[:, None]  # [n, kv_len] causal
-        if span.tree_mask is not None:
-            n_tree = span.tree_mask.shape[0]
-            tree_start = kv_len - n_tree
-            depth = span.tree_mask.sum(dim=1) - 1  # [n_tree]
-            pos = pos.clone()
-            pos[n - n_tree:] = tree_start + depth
-            seq_mask[n - n_tree:, tree_start:] = span.tree_mask
-        positions.append(pos)
-        mask[b, 0, :n, :kv_len] = seq_mask
-        mask[b, 0, n:, 0] = True  # padding queries see one key so softmax stays finite
-        q_index[b, :n] = torch.arange(offset, offset + n)
-        out_index[offset:offset + n] = b * q_max + torch.arange(n)
-        offset += n
-        query_start.append(offset)
+    grid = query_grid(lens)
+    q_max, k_max = grid.q_index.shape[1], max(kv_lens)
+    kv_slots = kv_slot_grid([s.block_table for s in spans], kv_lens, block_size)  # [B, Kmax]
+    starts = torch.tensor([s.start for s in spans], dtype=torch.long)  # [B]
+    chain_pos = starts[:, None] + torch.arange(q_max)  # [B, Qmax]: key (= slot) index per cell
+    slots = kv_slots.gather(1, chain_pos.clamp(max=k_max - 1))  # [B, Qmax]; padding cells: junk
+    key = torch.arange(k_max)  # [Kmax]
+    mask = key <= chain_pos[:, :, None]  # [B, Qmax, Kmax] causal
+    if grid.valid is not None:  # padding queries see key 0 only, so their softmax stays finite
+        mask = torch.where(grid.valid[:, :, None], mask, key == 0)
+    positions = chain_pos
+    if has_tree:
+        positions = chain_pos.clone()
+        apply_trees(spans, lens, positions, mask)
+    # one query per sequence, all sequences equally long, no tree: every key is visible
+    mask_is_full = q_max == 1 and grid.valid is None and min(kv_lens) == k_max and not has_tree
 
-    last_index = torch.as_tensor(query_start[1:], dtype=torch.long) - 1
+    input_ids = torch.tensor(list(chain.from_iterable(s.token_ids for s in spans)), dtype=torch.long)
     attn = AttentionBatch(
-        slot_mapping=torch.cat(slot_mapping).to(device),
-        q_index=q_index.to(device),
-        out_index=out_index.to(device),
+        slot_mapping=grid.flat(slots).to(device),
+        q_index=grid.q_index.to(device),
+        out_index=grid.out_index.to(device),
         kv_slots=kv_slots.to(device),
-        mask=mask.to(device),
+        mask=mask.unsqueeze(1).to(device),  # [B, 1, Qmax, Kmax]
+        mask_is_full=mask_is_full,
     )
     return ForwardInputs(
-        input_ids=torch.cat(input_ids).to(device),
-        positions=torch.cat(positions).to(device),
+        input_ids=input_ids.to(device),
+        positions=grid.flat(positions).to(device),
         attn=attn,
-        last_index=last_index.to(device),
+        last_index=torch.tensor([q - 1 for q in query_start[1:]], dtype=torch.long).to(device),
         query_start=query_start,
     )
 
@@ -117,27 +178,23 @@ def build_scratch_tree_batch(prefix_slots: Seq[torch.Tensor], tail_slots: Seq[to
     """
     num_seqs = len(prefix_slots)
     lens = [int(m.shape[0]) for m in tail_masks]
-    q_max, total = max(lens), sum(lens)
+    grid = query_grid(lens)
+    q_max = grid.q_index.shape[1]
     k_max = max(int(p.shape[0]) + int(t.shape[0]) for p, t in zip(prefix_slots, tail_slots))
-    q_index = torch.full((num_seqs, q_max), total, dtype=torch.long)
-    out_index = torch.empty(total, dtype=torch.long)
-    kv_slots = torch.zeros(num_seqs, k_max, dtype=torch.long)
-    mask = torch.zeros(num_seqs, 1, q_max, k_max, dtype=torch.bool)
-    offset = 0
+    kv_slots = torch.zeros(num_seqs, k_max, dtype=torch.long)  # [B, Kmax]
+    mask = torch.zeros(num_seqs, q_max, k_max, dtype=torch.bool)  # [B, Qmax, Kmax]
+    if grid.valid is not None:  # padding queries see one key so softmax stays finite
+        mask[:, :, 0] = ~grid.valid
     for b, n in enumerate(lens):
         p_len, t_len = int(prefix_slots[b].shape[0]), int(tail_slots[b].shape[0])
         kv_slots[b, :p_len] = prefix_slots[b]
         kv_slots[b, p_len:p_len + t_len] = tail_slots[b]
-        mask[b, 0, :n, :p_len] = True
-        mask[b, 0, :n, p_len:p_len + t_len] = tail_masks[b]
-        mask[b, 0, n:, 0] = True  # padding queries see one key so softmax stays finite
-        q_index[b, :n] = torch.arange(offset, offset + n)
-        out_index[offset:offset + n] = b * q_max + torch.arange(n)
-        offset += n
+        mask[b, :n, :p_len] = True
+        mask[b, :n, p_len:p_len + t_len] = tail_masks[b]
     return AttentionBatch(
         slot_mapping=torch.cat(list(write_slots)).to(device),
-        q_index=q_index.to(device),
-        out_index=out_index.to(device),
+        q_index=grid.q_index.to(device),
+        out_index=grid.out_index.to(device),
         kv_slots=kv_slots.to(device),
-        mask=mask.to(device),
+        mask=mask.unsqueeze(1).to(device),  # [B, 1, Qmax, Kmax]
     )
