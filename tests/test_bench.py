@@ -248,3 +248,16 @@ def test_mode_engine_configs():
     tree = engine_config_for("tree", base.replace(spec_topk=2, spec_draft_tokens=6), 4).spec
     assert (tree.topk, tree.draft_tokens) == (2, 6)
     assert engine_config_for("adaptive", base.replace(spec_policy="fixed"), 4).spec.policy == "adaptive"
+
+
+def test_prewarm_prompts_are_the_levels_shapes_but_never_timed_prompts():
+    from eyas.bench.suite import _plan
+
+    bench = BenchConfig(concurrency=(1, 4), warmup=2, input_len=8, output_len=8)
+    ids = [[i] * 8 for i in range(2 * (8 + 8) + 2)]
+    levels, warmup, prewarm = _plan(bench, ids)
+    assert [len(levels[c]) for c in (1, 4)] == [len(prewarm[c]) for c in (1, 4)] == [8, 8]
+    timed = {tuple(p) for ps in levels.values() for p in ps}
+    assert not timed & {tuple(p) for ps in prewarm.values() for p in ps}  # no prefix-cache head start
+    assert not timed & {tuple(p) for p in warmup}
+    assert _plan(BenchConfig(concurrency=(1, 4), prewarm=False), ids)[2] == {}

@@ -33,6 +33,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run a reference implementation on the same prompts (repeatable)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     g.add_argument("--warmup", type=int, default=2, help="untimed requests per engine (default 2)")
+    g.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                   help="skip the untimed pass over every level before the first mode")
     g.add_argument("--out", help="output folder (default bench/results/<timestamp>)")
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
@@ -49,7 +51,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         modes=parse_names(args.modes) if args.modes is not None else None,
         concurrency=parse_int_list("concurrency", args.concurrency),
         input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
-        temperature=args.temperature, peers=tuple(dict.fromkeys(args.peer)), warmup=args.warmup)
+        temperature=args.temperature, peers=tuple(dict.fromkeys(args.peer)), warmup=args.warmup,
+        prewarm=args.prewarm)
     config = engine_config_from_args(args)
     out = args.out or default_out_dir()
     records = run_bench(config, bench, out_dir=out)

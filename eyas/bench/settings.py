@@ -55,6 +55,10 @@ class BenchConfig:
     temperature: float = 0.0
     peers: tuple[str, ...] = ()
     warmup: int = 2  # untimed requests per engine before the sweep
+    # One untimed pass over every level (other prompts, up to 16 output tokens) before the first
+    # mode: one-off per-shape costs (oneDNN primitive creation on CPU, kernel autotuning) are
+    # process-wide, so otherwise they land on whichever mode runs first.
+    prewarm: bool = True
 
     def __post_init__(self):
         if self.modes is not None:

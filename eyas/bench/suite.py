@@ -2,8 +2,9 @@
 
 Prompt plan: level k (in --concurrency order) uses the next prompts_at(c) prompts of the fixed set,
 so no prompt repeats inside an engine (prefix-cache hits are only the shared template prefix);
-the warm-up requests use prompts after all of those. Every mode (and the hf peer) gets exactly
-the same ids in the same order.
+the warm-up requests use prompts after all of those, and the pre-warm pass (first mode only, every
+level untimed at up to 16 output tokens) the ones after those. Every mode (and the hf peer) gets
+exactly the same timed ids in the same order.
 """
 from __future__ import annotations
 
@@ -29,17 +30,24 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _plan(bench: BenchConfig, prompt_ids: list[list[int]]) -> tuple[dict[int, list[list[int]]], list[list[int]]]:
-    """(prompts per concurrency level, warm-up prompts)."""
-    levels, at = {}, 0
+def _plan(bench: BenchConfig, prompt_ids: list[list[int]]
+          ) -> tuple[dict[int, list[list[int]]], list[list[int]], dict[int, list[list[int]]]]:
+    """(prompts per concurrency level, warm-up prompts, pre-warm prompts per level)."""
+    levels, prewarm, at = {}, {}, 0
     for c in bench.concurrency:
         levels[c] = prompt_ids[at:at + bench.prompts_at(c)]
         at += bench.prompts_at(c)
-    return levels, prompt_ids[at:at + bench.warmup]
+    warmup = prompt_ids[at:at + bench.warmup]
+    at += bench.warmup
+    if bench.prewarm:
+        for c in bench.concurrency:
+            prewarm[c] = prompt_ids[at:at + bench.prompts_at(c)]
+            at += bench.prompts_at(c)
+    return levels, warmup, prewarm
 
 
-def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress) -> None:
-    from eyas.bench.runner import run_level, warm_up
+def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress, prewarm=None) -> None:
+    from eyas.bench.runner import run_closed_loop, run_level, warm_up
     from eyas.engine import create_engine
 
     cfg = engine_config_for(mode, config, max(bench.concurrency))
@@ -47,6 +55,8 @@ def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress
     try:
         check_fits(engine.max_model_len, bench.input_len, bench.output_len)
         warm_up(engine, warmup, bench.output_len)
+        for c, prompts in (prewarm or {}).items():  # the same shapes as the timed levels, untimed
+            run_closed_loop(engine, prompts, c, min(bench.output_len, 16), tag=f"prewarm{c}-", progress=False)
         for c, prompts in levels.items():
             level = run_level(engine, mode, prompts, c, bench.output_len, bench.temperature,
                               progress=progress, extra=spec_summary(cfg))
@@ -113,15 +123,16 @@ def run_bench(config, bench: Optional[BenchConfig] = None, *, out_dir: Optional[
     from eyas.bench.prompts import build_prompt_ids
 
     tokenizer = load_tokenizer(resolve_model(config.model))
-    total = sum(bench.prompts_at(c) for c in bench.concurrency) + bench.warmup
-    levels, warmup = _plan(bench, build_prompt_ids(tokenizer, total, bench.input_len))
+    total = (2 if bench.prewarm else 1) * sum(bench.prompts_at(c) for c in bench.concurrency) + bench.warmup
+    levels, warmup, prewarm = _plan(bench, build_prompt_ids(tokenizer, total, bench.input_len))
     started = time.time()
     meta = build_meta(config, bench, command, out_dir=str(out))
     write_meta(out, meta)
 
     records: list[dict] = []
-    for mode in bench.modes:
-        _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress)
+    for i, mode in enumerate(bench.modes):
+        _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress,
+                         prewarm=prewarm if i == 0 else None)
     if "hf" in bench.peers:
         _run_hf(config, bench, levels, warmup, records, out, progress)
     write_plot(out / "results.png", records, title=f"{Path(str(config.model)).name}, "
