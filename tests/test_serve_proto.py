@@ -32,7 +32,8 @@ def test_generated_code_matches_proto(tmp_path):
         pytest.skip(f"grpcio-tools {tools_version} differs from the one that generated the code "
                     f"({committed.group(1)}); regenerate with `python proto/gen.py`")
     written = load_gen().generate(tmp_path)
-    assert {p.name for p in written} == {"generate_pb2.py", "generate_pb2_grpc.py", "generate_pb2.pyi"}
+    assert {p.name for p in written} == {f"{name}{suffix}" for name in ("generate_pb2", "worker_pb2")
+                                         for suffix in (".py", "_grpc.py", ".pyi")}
     for path in written:
         assert path.read_text() == (GENERATED / path.name).read_text(), \
             f"{path.name} is stale: run `python proto/gen.py`"
