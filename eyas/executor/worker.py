@@ -290,6 +290,10 @@ class DrafterWorker:
     @torch.inference_mode()
     def draft(self, plan: pb.DraftPlan) -> pb.DraftResult:
         protocol.check_version(plan.version)
+        for rid in plan.dropped:  # first: a drop (preemption) happened before this plan's rows
+            seq = self.seqs.pop(rid, None)
+            if seq is not None:
+                self.proposer.drop(seq)
         rows = sum(o.num_rows for o in plan.observed)
         if rows:
             buf = torch.empty(rows, self.aux_width, dtype=self.dtype)  # [R, n_aux * H]
@@ -297,10 +301,6 @@ class DrafterWorker:
             fused = self.drafter.fuse_aux([buf.to(self.device)])  # [R, H]
             for o, part in zip(plan.observed, fused.split([o.num_rows for o in plan.observed])):
                 self.proposer.observe(self._seq(o.request_id), o.start, part)
-        for rid in plan.dropped:
-            seq = self.seqs.pop(rid, None)
-            if seq is not None:
-                self.proposer.drop(seq)
         reply = pb.DraftResult(version=protocol.PROTOCOL_VERSION, step=plan.step)
         if not plan.items:
             return reply
