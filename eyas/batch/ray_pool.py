@@ -17,6 +17,7 @@ from eyas.batch.pool import Event, ReplicaInfo
 from eyas.batch.settings import BatchConfig
 from eyas.config import EngineConfig
 from eyas.errors import ConfigError, EyasError
+from eyas.ray_util import import_ray, short_error
 
 log = logging.getLogger("eyas.batch")
 
@@ -49,28 +50,15 @@ class ReplicaActor:
         return self.core.poll(timeout)
 
 
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("the Ray executor needs ray: pip install 'eyas[ray]' (or 'ray[default]')") from None
-    return ray
-
-
 def connect(address: Optional[str]):
     """Join the cluster at `address` ($RAY_ADDRESS under `ray job submit`), or start a local one."""
     import os
 
-    ray = _import_ray()
+    ray = import_ray()
     if not ray.is_initialized():
         joining = bool(address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=address, **({} if joining else {"include_dashboard": False}))
     return ray
-
-
-def _short_error(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
 
 
 class RayPool:
@@ -112,7 +100,7 @@ class RayPool:
                 meta = ray.get(ref, timeout=cfg.placement_timeout)
             except Exception as e:  # engine construction failed (model not found, bad config...)
                 self.close()
-                raise EyasError(f"batch: replica {info.index} failed to start: {_short_error(e)}") from None
+                raise EyasError(f"batch: replica {info.index} failed to start: {short_error(e)}") from None
             info.node_id = meta["node_id"]
             info.extra = {"pid": meta["pid"], "device": meta["device"]}
         log.info("batch: %d replicas on nodes %s", len(self.actors), sorted({r.node_id for r in self.replicas}))
@@ -139,7 +127,7 @@ class RayPool:
                 events.append((r, ray.get(ref)))
             except Exception as e:  # actor died (killed, node lost) or its engine failed
                 ray.kill(self.actors[r], no_restart=True)
-                events.append((r, EyasError(_short_error(e))))
+                events.append((r, EyasError(short_error(e))))
         return events
 
     def close(self) -> None:

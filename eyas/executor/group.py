@@ -20,6 +20,7 @@ from eyas.distributed import free_port
 from eyas.errors import ConfigError, EyasError
 from eyas.executor.rpc import WorkerStream
 from eyas.executor.worker import WorkerSpec
+from eyas.ray_util import import_ray, short_error
 
 log = logging.getLogger("eyas.worker")
 
@@ -57,11 +58,6 @@ def _free(ray) -> dict:
     return {k: free[k] for k in ("CPU", "GPU") if k in free}
 
 
-def _short_error(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 class WorkerGroup:
     """Starts (and restarts) the actors; `targets[r]` and `drafter` are the coordinator's streams."""
 
@@ -78,9 +74,7 @@ class WorkerGroup:
     def _connect(self):
         """Join the configured cluster ($RAY_ADDRESS by default), or start a local one sized so that
         the workers fit (they wait on each other most of the time, so they may share cores)."""
-        from eyas.batch.ray_pool import _import_ray
-
-        ray = _import_ray()
+        ray = import_ray()
         if ray.is_initialized():
             return ray
         address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
@@ -168,7 +162,7 @@ class WorkerGroup:
             raise ConfigError(f"ray executor: workers did not finish '{what}' within {timeout:g}s") from None
         except Exception as e:  # a worker raised (model not found, KV budget too small, ...)
             self.stop()
-            raise EyasError(f"ray executor: a worker failed to {what}: {_short_error(e)}") from None
+            raise EyasError(f"ray executor: a worker failed to {what}: {short_error(e)}") from None
 
     def kill(self, role: str, rank: int = 0) -> None:
         """Kill one worker process (fault-injection for tests and drills)."""
