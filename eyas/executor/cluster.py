@@ -37,8 +37,7 @@ from eyas.kv.allocator import BlockAllocator
 from eyas.scheduler import Scheduler
 from eyas.serve.v1 import worker_pb2 as pb
 from eyas.spec.decoder import DrafterLost, SpecDecoder
-from eyas.spec.proposer import Draft, Proposer
-from eyas.spec.tree import make_tree_draft
+from eyas.spec.proposer import Proposer
 from eyas.workers.target_step import StepItem, StepOutcome
 
 log = logging.getLogger("eyas")
@@ -123,11 +122,8 @@ class RemoteProposer(Proposer):
             st = self.states.get(seq.request_id)
             if st is not None:  # the worker's extend made every computed position final
                 st.dstart, st.pending = seq.num_computed_tokens, 0
-            self.q_rows[seq.request_id] = prop.q_rows
-            if len(prop.tree.parents):
-                drafts.append(make_tree_draft(list(prop.token_ids), list(prop.tree.parents)))
-            else:
-                drafts.append(Draft(list(prop.token_ids)))
+            self.q_rows[seq.request_id] = prop.q_rows  # the rows themselves went to rank 0
+            drafts.append(protocol.draft_from_pb(prop.token_ids, prop.tree, None))
         return drafts
 
 
@@ -153,9 +149,7 @@ class RemoteTarget:
                                  block_table=it.span.block_table, num_new=it.num_new, sample=it.sample,
                                  sampling=protocol.sampling_to_pb(it.params))
             if it.draft is not None:
-                if hasattr(it.draft, "parents"):
-                    msg.tree.parents.extend(it.draft.parents)
-                    msg.tree.depths.extend(it.draft.depths)
+                protocol.tree_to_pb(it.draft, msg.tree)
                 if self.proposer is not None:
                     msg.q_rows = self.proposer.q_rows.pop(it.request_id, 0)
         for stream in self.group.targets:
@@ -171,11 +165,8 @@ class RemoteTarget:
         if send_features:
             observed = [pb.Observed(request_id=it.request_id, start=it.span.start, num_rows=n)
                         for it, n in zip(items, out.num_valid)]
-            try:
-                drafter = self.group.drafter
-                while drafter.outstanding:  # the previous observe's reply
-                    drafter.recv()
-                drafter.send(self.link.plan(observed=observed))
+            try:  # its reply is read before the next plan to the drafter
+                self.group.drafter.post(self.link.plan(observed=observed))
             except WorkerError as e:
                 self.link.lost(e)
         return out

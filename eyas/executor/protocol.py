@@ -51,18 +51,24 @@ def generator_for(params: SamplingParams) -> Optional[torch.Generator]:
     return torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
 
+def tree_to_pb(draft, tree: pb.Tree) -> None:
+    """Fill a message's Tree field from a TreeDraft (a chain leaves it empty)."""
+    if isinstance(draft, TreeDraft):
+        tree.parents.extend(draft.parents)
+        tree.depths.extend(draft.depths)
+
+
 def draft_to_pb(draft) -> pb.Proposal:
     msg = pb.Proposal(token_ids=draft.tokens)
-    if isinstance(draft, TreeDraft):
-        msg.tree.parents.extend(draft.parents)
-        msg.tree.depths.extend(draft.depths)
+    tree_to_pb(draft, msg.tree)
     if draft.q is not None:
         msg.q_rows = int(draft.q.shape[0])
     return msg
 
 
 def draft_from_pb(tokens: list[int], tree: Optional[pb.Tree], q: Optional[torch.Tensor]):
-    """Rebuild a Draft (chain) or TreeDraft from the message; q [rows, V] over the target vocab."""
+    """Rebuild a Draft (chain: no tree, or an empty one) or TreeDraft from the message; q [rows, V]
+    over the target vocab."""
     if tree is not None and len(tree.parents):
         return make_tree_draft(list(tokens), list(tree.parents), q)
     return Draft(list(tokens), q)

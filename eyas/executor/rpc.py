@@ -98,11 +98,15 @@ class WorkerStream:
         self.outstanding -= 1
         return result
 
-    def call(self, plan):
-        """Read any results still owed, then send plan and return its result."""
+    def post(self, plan) -> None:
+        """Read (and drop) any results still owed, then send plan without waiting for its result."""
         while self.outstanding:
             self.recv()
         self.send(plan)
+
+    def call(self, plan):
+        """post(plan), then return its result."""
+        self.post(plan)
         return self.recv()
 
     def close(self) -> None:

@@ -78,6 +78,17 @@ def worker_device(config: EngineConfig) -> torch.device:
     return device
 
 
+def start_worker(spec: WorkerSpec) -> tuple[torch.device, torch.dtype, Optional[dist.ProcessGroup]]:
+    """What every worker does first: threads, device and dtype from the config, then join the
+    world group. Returns (device, dtype, the target shards' group or None)."""
+    from eyas.engine import resolve_dtype
+
+    if spec.config.num_threads:
+        torch.set_num_threads(spec.config.num_threads)
+    device = worker_device(spec.config)
+    return device, resolve_dtype(spec.config.dtype, device), join_world(spec, device)
+
+
 class _Sends:
     """Non-blocking point-to-point sends whose buffers must live until they complete."""
 
@@ -95,16 +106,10 @@ class TargetWorker:
     also samples, accepts drafts and reports."""
 
     def __init__(self, spec: WorkerSpec):
-        from eyas.engine import resolve_dtype
         from eyas.models.loader import load_model
 
-        cfg = spec.config
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
         self.spec = spec
-        self.device = worker_device(cfg)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        group = join_world(spec, self.device)
+        self.device, self.dtype, group = start_worker(spec)
         self.parallel = ParallelState(spec.tp, spec.rank, group)
         self.model = load_model(spec.model, dtype=self.dtype, device=self.device, parallel=self.parallel)
         self.aux_layer_ids: tuple[int, ...] = ()
@@ -164,8 +169,7 @@ class TargetWorker:
             tokens = list(it.token_ids)
             draft = None
             if len(tokens) > it.num_new:
-                draft = protocol.draft_from_pb(tokens[it.num_new:], it.tree if it.HasField("tree") else None,
-                                               qs.get(i) if qs else None)
+                draft = protocol.draft_from_pb(tokens[it.num_new:], it.tree, qs.get(i) if qs else None)
             tree = getattr(draft, "mask", None)
             items.append(StepItem(SeqSpan(tokens, it.start, list(it.block_table), tree_mask=tree), it.num_new,
                                   it.sample, params, self.generators.get(it.request_id), draft,
@@ -248,16 +252,10 @@ class DrafterWorker:
     def __init__(self, spec: WorkerSpec):
         from transformers import AutoConfig
 
-        from eyas.engine import resolve_dtype
         from eyas.models.eagle3 import load_drafter
 
-        cfg = spec.config
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
         self.spec = spec
-        self.device = worker_device(cfg)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        join_world(spec, self.device)
+        self.device, self.dtype, _ = start_worker(spec)  # the drafter is in no shard group
         self.target_config = AutoConfig.from_pretrained(spec.model)
         self.embedding = TargetEmbedding(spec.model, self.dtype, self.device)
         self.drafter = load_drafter(spec.draft, self.target_config, dtype=self.dtype, device=self.device)
