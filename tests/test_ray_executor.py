@@ -37,7 +37,8 @@ def ray_local():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(num_cpus=16, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             object_store_memory=100 * 2**20)
+             object_store_memory=100 * 2**20,
+             _system_config={"worker_niceness": 0})  # as eyas's own: workers must not starve under load
     try:
         yield ray
     finally:
@@ -61,8 +62,10 @@ def tp2(ray_local, tiny_llama_path):
     engine.close()
 
 
-def test_tp2_greedy_equals_local(tp2, reference):
-    assert tp2.group.info["vocab_size"] == tp2.vocab_size
+def test_tp2_greedy_equals_local(tp2, reference, tiny_llama_path):
+    from transformers import AutoConfig
+
+    assert tp2.vocab_size == AutoConfig.from_pretrained(tiny_llama_path).vocab_size  # as rank 0 reports it
     assert run_all(tp2, PROMPTS, GREEDY, stagger=2) == reference
     assert run_all(tp2, PROMPTS, GREEDY) == reference  # prefix-cache hits on the workers' KV
 
