@@ -24,6 +24,7 @@ def simulate(ctrl: SpecController, step_time, alpha: float, batch: int = 1, step
         k = ctrl.choose(batch)
         chosen.append(k)
         ctrl.record_time(batch, k, step_time(k))
+        ctrl.record_step(step_time(k))
         for _ in range(batch):
             a = 0
             while a < k and rng.random() < alpha:
@@ -90,17 +91,59 @@ def test_tree_candidates_are_zero_or_the_tree():
 
 
 def test_probes_other_candidates():
-    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=8))
+    # no exploration budget: the probe schedule alone
+    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=8, explore_budget=1.0))
     chosen = simulate(ctrl, lambda k: 0.020 + 0.030 * k, alpha=0.9, steps=200)
     assert set(chosen[100:]) == {0, 1, 2, 3}  # probes keep every depth's time fresh
     assert sum(c != 0 for c in chosen[100:]) <= 100 / 8 + 1
 
 
 def test_probes_back_off_while_the_best_holds():
-    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=64))
+    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=64, explore_budget=1.0))
     chosen = simulate(ctrl, lambda k: 0.020 + 0.030 * k, alpha=0.9, steps=600)
     # probes at steps 8, 16, 32, 64, then every 64: far fewer than one in 8
     assert sum(c != 0 for c in chosen[200:]) <= 400 / 64 + 1
+
+
+@pytest.mark.parametrize("budget", [0.02, 0.05])
+def test_probes_stay_within_the_exploration_budget(budget):
+    # plain steps win; a probe of k drafts costs 0.02 + 0.03 k, up to 5.5x a plain step
+    cost = lambda k: 0.020 + 0.030 * k  # noqa: E731
+    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=8,
+                                           explore_budget=budget))
+    chosen = simulate(ctrl, cost, alpha=0.9, steps=3000)
+    steady = chosen[100:]  # after the first exploration
+    extra = sum(cost(k) - cost(0) for k in steady)
+    total = sum(cost(k) for k in steady)
+    assert extra <= budget * total + cost(3)  # at most one probe beyond the budget
+    assert any(k != 0 for k in steady)  # probing goes on, just rarely
+    # without the budget, the same schedule would spend far more on probes
+    free = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=8,
+                                           explore_budget=1.0))
+    loose = simulate(free, cost, alpha=0.9, steps=3000)[100:]
+    assert sum(cost(k) - cost(0) for k in loose) > 3 * extra
+
+
+def choice_near_break_even(gain: float, min_gain: float) -> int:
+    """The choice at batch 16 once one draft, accepted at 0.35, is measured to change tokens/s by
+    `gain` (0.1: 10% faster than plain decoding)."""
+    ctrl = SpecController(ControllerConfig(max_tokens=1, min_gain=min_gain, accept_decay=1.0,
+                                           prior_weight=1e-6))
+    for _ in range(3):
+        ctrl.record_time(16, 0, 0.025)
+        ctrl.record_time(16, 1, 0.025 * 1.35 / (1 + gain))
+    for a in [1] * 35 + [0] * 65:
+        ctrl.record_accept(1, a)
+    assert ctrl.alpha(0) == pytest.approx(0.35)
+    return ctrl.choose(16)
+
+
+@pytest.mark.parametrize("gain, min_gain, best", [(-0.05, 0.03, 0), (0.015, 0.03, 0), (0.10, 0.03, 1),
+                                                   (0.015, 0.0, 1)])
+def test_drafting_must_win_by_the_margin(gain, min_gain, best):
+    # a loss and a 1.5% win (inside the 3% margin) go to plain decoding; a 10% win drafts, and so
+    # does the 1.5% win without a margin
+    assert choice_near_break_even(gain, min_gain) == best
 
 
 def measure(ctrl: SpecController, cost, alpha: float, batches=(1, 4), steps: int = 40) -> None:
@@ -115,6 +158,7 @@ def first_steps(ctrl: SpecController, cost, batch: int, steps: int) -> list[int]
     for _ in range(steps):
         chosen.append(ctrl.choose(batch))
         ctrl.record_time(batch, chosen[-1], cost(batch, chosen[-1]))
+        ctrl.record_step(cost(batch, chosen[-1]))
     return chosen
 
 
@@ -170,7 +214,8 @@ def test_one_inflated_first_sample_keeps_the_borrowed_choice():
 
 def test_borrowing_buckets_probe_early_only_when_extrapolated():
     cost = (lambda b, k: 0.020 + 0.004 * b * (k + 1))
-    config = ControllerConfig(max_tokens=4, probe_every=16, max_probe_every=16, extrapolated_probe=4)
+    config = ControllerConfig(max_tokens=4, probe_every=16, max_probe_every=16, extrapolated_probe=4,
+                              explore_budget=1.0)  # the schedule alone (a budget may defer probes)
     ctrl = SpecController(config)
     measure(ctrl, cost, alpha=0.8, batches=(1, 8))
     # bucket 32 lies beyond the modelled ones: the 4th step probes the candidate farthest from
@@ -264,6 +309,10 @@ def test_bad_controller_config():
         ControllerConfig(max_tokens=3, extrapolated_probe=1)
     with pytest.raises(ConfigError):
         ControllerConfig(max_tokens=3, borrow="no")
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=3, explore_budget=0.0)
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=3, min_gain=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,20 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   `probe_every` steps when they were interpolated. Only while fewer than two buckets are
   modelled (or with `borrow` off) does a new bucket explore on its own: it first tries
   k_max, then 0, to get two points.
-- Every `probe_every` steps in a bucket it runs a candidate other than the best (round robin),
-  so stale times and acceptance for unused depths get refreshed. While the best choice holds,
+- Every `probe_every` steps in a bucket it runs a candidate other than the best (every other
+  probe a neighbour of the best, the rest round robin), so stale times and acceptance for unused depths get refreshed. While the best choice holds,
   the interval doubles up to `max_probe_every` (a probe after a run of plain steps also pays
   the drafter's catch-up), and it resets when the best choice changes.
+- Exploration has a budget: a repeat probe's extra time (its whole step, catch-up included,
+  minus the predicted time of the best choice; a shape's first probe pays one-time costs and is
+  exempt) is a debt that the following steps pay off at
+  `explore_budget` of their time, and no probe runs while any debt is left. So probes cost at
+  most about that share of the run, however expensive one turns out to be (example: with 0.02,
+  a probe 150 ms slower than the best step defers the next one by 7.5 s of steps).
+- Drafting must win by a margin: k > 0 is chosen only when its predicted tokens/s beats plain
+  decoding's by `min_gain`. Near break-even the estimates are within noise, and drafting has
+  costs the per-step times miss (the drafter's catch-up after plain steps, sequences of one
+  wave finishing apart), so a tie goes to plain decoding.
 
 Switching k costs nothing: the scheduler reserves k+1 slots, the proposer drafts k tokens and
 the drafter's features keep flowing while k = 0 (it catches up at the next draft).
@@ -62,6 +72,8 @@ class ControllerConfig:
     prior_weight: float = 4.0
     borrow: bool = True  # buckets without a model of their own borrow step times from others
     extrapolated_probe: int = 4  # first probe of a bucket whose borrowed times are extrapolated
+    explore_budget: float = 0.02  # probes' extra time as a share of all step time (1.0: no limit)
+    min_gain: float = 0.03  # k > 0 must beat plain decoding's predicted tokens/s by this share
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -75,6 +87,10 @@ class ControllerConfig:
             raise ConfigError(f"borrow must be True or False, got {self.borrow!r}")
         if self.extrapolated_probe < 2:
             raise ConfigError(f"need extrapolated_probe >= 2, got {self.extrapolated_probe}")
+        if not 0 < self.explore_budget <= 1:
+            raise ConfigError(f"explore_budget must be in (0, 1], got {self.explore_budget}")
+        if not 0 <= self.min_gain < 1:
+            raise ConfigError(f"min_gain must be in [0, 1), got {self.min_gain}")
 
 
 def bucket_of(batch: int) -> int:
@@ -123,6 +139,8 @@ class SpecController:
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
         self.next_probe: dict[int, int] = {}  # bucket -> step count of the next probe
         self.probes: dict[int, int] = {}
+        self.debt = 0.0  # seconds of probe overhead not yet paid off (see explore_budget)
+        self.probe_baseline: Optional[float] = None  # predicted seconds of the best, for the probe in flight
 
     # ------------------------------------------------------------------ model
     def alpha(self, j: int) -> float:
@@ -239,20 +257,38 @@ class SpecController:
             for k in (self.config.max_tokens, 0):  # two measured points before any model
                 if k not in known:
                     return k
-        best = max(self.candidates, key=lambda k: self.throughput(batch, k))
+        rates = {k: self.throughput(batch, k) for k in self.candidates}
+        best = max(self.candidates, key=rates.get)
+        if best != 0 and rates[best] < (1 + self.config.min_gain) * rates[0]:
+            best = 0  # within the margin: plain decoding
         if best != self.best.get(b):  # the choice moved: probe at the base rate again
             self.best[b], self.interval[b] = best, self.config.probe_every
-        if n >= self.next_probe.get(b, self.first_probe(b)):
+        if n >= self.next_probe.get(b, self.first_probe(b)) and self.debt <= 0:
             # probes back off (x2 up to max_probe_every) while the best choice holds
             self.next_probe[b] = n + self.interval[b]
             self.interval[b] = min(2 * self.interval[b], self.config.max_probe_every)
-            others = [k for k in self.candidates if k != best]
-            self.probes[b] = self.probes.get(b, 0) + 1
-            if len(known) == 1:  # a borrowing bucket's first own line in k: make it span widely
-                (k0,) = known
-                return max(others, key=lambda k: abs(k - k0))
-            return others[self.probes[b] % len(others)]
+            k = self.probe_choice(b, best)
+            # a shape's first timed step pays one-time costs (kernel selection, allocations) that
+            # say nothing about later probes: only repeat probes count against the budget
+            timed_before = self.samples.get((b, k), 0) > 0
+            self.probe_baseline = self.step_time(b, best, batch) if timed_before else None
+            return k
         return best
+
+    def probe_choice(self, b: int, best: int) -> int:
+        """The candidate a probe in bucket b runs, given the bucket's current best."""
+        # nearest first, the deeper one of two: [3, 1, 4, 0, 5] for best 2 of 0..5
+        others = sorted((k for k in self.candidates if k != best), key=lambda k: (abs(k - best), -k))
+        p = self.probes[b] = self.probes.get(b, 0) + 1
+        known = self.times.get(b, {})
+        if len(known) == 1:  # a borrowing bucket's first own line in k: make it span widely
+            (k0,) = known
+            return max(others, key=lambda k: abs(k - k0))
+        # every other probe a neighbour of the best (the likeliest next best, and the cheapest
+        # probe when the best is 0), the others round robin: 3, 1, 1, 4, 3, 0, 1, 5, ...
+        if p % 2:
+            return others[(p // 2) % min(2, len(others))]
+        return others[(p // 2) % len(others)]
 
     # ----------------------------------------------------------------- record
     def record_time(self, batch: int, k: int, seconds: float) -> None:
@@ -268,6 +304,15 @@ class SpecController:
         known[k] = seconds if n <= 2 else (1 - w) * known[k] + w * seconds
         at = self.batch_at.get((b, k), batch)  # where in the bucket those times were taken
         self.batch_at[(b, k)] = batch if n <= 2 else (1 - w) * at + w * batch
+
+    def record_step(self, seconds: float) -> None:
+        """Every step this controller chose (timed or not: prefill, catch-up) took `seconds`;
+        a probe adds its extra time to the exploration debt, other steps pay it off."""
+        if self.probe_baseline is not None:
+            self.debt += max(0.0, seconds - self.probe_baseline)
+            self.probe_baseline = None
+        else:
+            self.debt = max(0.0, self.debt - self.config.explore_budget * seconds)
 
     def record_accept(self, drafted: int, accepted: int) -> None:
         """One sequence drafted `drafted` tokens and `accepted` of them were accepted."""

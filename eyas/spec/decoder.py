@@ -126,11 +126,14 @@ class SpecDecoder:
         return outputs
 
     def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, timed: bool) -> None:
-        """Feed the controller this step's acceptance and, for typical pure decode steps, its time."""
+        """Feed the controller this step's acceptance, its time (every step, for the exploration
+        budget) and, for typical pure decode steps, its time as a sample of t(batch, k)."""
         for i in drafts:
             self.controller.record_accept(len(drafts[i].tokens), out.accepted[i])
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)
+        seconds = time.perf_counter() - start
+        self.controller.record_step(seconds)
         if timed and all(it.num_new_tokens == 1 for it in items) and all(
                 it.num_draft_tokens == k for it in items):
-            if self.engine.device.type == "cuda":
-                torch.cuda.synchronize(self.engine.device)
-            self.controller.record_time(len(items), k, time.perf_counter() - start)
+            self.controller.record_time(len(items), k, seconds)
