@@ -261,3 +261,41 @@ def test_prewarm_prompts_are_the_levels_shapes_but_never_timed_prompts():
     assert not timed & {tuple(p) for ps in prewarm.values() for p in ps}  # no prefix-cache head start
     assert not timed & {tuple(p) for p in warmup}
     assert _plan(BenchConfig(concurrency=(1, 4), prewarm=False), ids)[2] == {}
+
+
+def test_rounds_interleave_the_modes_on_fresh_prompts(monkeypatch, tmp_path, tiny_llama_path, tiny_drafter_path):
+    import eyas.bench.runner as runner
+
+    real, calls = runner.run_level, []
+
+    def recording(engine, mode, prompts, concurrency, *a, **kw):
+        calls.append((mode, concurrency, [tuple(p) for p in prompts], id(engine)))
+        return real(engine, mode, prompts, concurrency, *a, **kw)
+
+    monkeypatch.setattr(runner, "run_level", recording)
+    records = run_bench(tiny_config(tiny_llama_path, tiny_drafter_path, spec_steps=2),
+                        BenchConfig(modes=("nospec", "chain"), concurrency=(1, 2), input_len=IN_LEN,
+                                    output_len=OUT_LEN, num_prompts=2, warmup=0, rounds=3),
+                        out_dir=tmp_path, progress=False)
+    # per level: round 1 in order, round 2 reversed, round 3 in order; one engine per mode throughout
+    assert [(m, c) for m, c, _, _ in calls] == [
+        (m, c) for c in (1, 2) for m in ("nospec", "chain", "chain", "nospec", "nospec", "chain")]
+    engines = {m: {e for mm, _, _, e in calls if mm == m} for m in ("nospec", "chain")}
+    assert all(len(e) == 1 for e in engines.values()) and engines["nospec"] != engines["chain"]
+    for c in (1, 2):
+        rounds = [p for m, cc, p, _ in calls if cc == c and m == "nospec"]
+        assert rounds == [p for m, cc, p, _ in calls if cc == c and m == "chain"]  # same prompts per round
+        assert len({q for p in rounds for q in p}) == 3 * 2  # each round its own prompts
+    assert [(r["mode"], r["concurrency"]) for r in records] == [
+        ("nospec", 1), ("chain", 1), ("nospec", 2), ("chain", 2)]
+    for r in records:
+        assert r["rounds"] == 3 and len(r["round_tok_s"]) == 3
+        assert r["num_prompts"] == 6 and r["output_tokens"] == 6 * OUT_LEN
+        # the level's rate is all its tokens over the rounds' summed wall time
+        assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["wall_s"], rel=1e-3)
+    assert json.loads((tmp_path / "results.json").read_text()) == records
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(InvalidRequestError, match="rounds"):
+        BenchConfig(rounds=0)

@@ -35,6 +35,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=2, help="untimed requests per engine (default 2)")
     g.add_argument("--no-prewarm", dest="prewarm", action="store_false",
                    help="skip the untimed pass over every level before the first mode")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="measure each level this many times per mode, the modes interleaved on "
+                        "engines kept alive together (default 1: one mode after the other)")
     g.add_argument("--out", help="output folder (default bench/results/<timestamp>)")
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
@@ -52,7 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         concurrency=parse_int_list("concurrency", args.concurrency),
         input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
         temperature=args.temperature, peers=tuple(dict.fromkeys(args.peer)), warmup=args.warmup,
-        prewarm=args.prewarm)
+        prewarm=args.prewarm, rounds=args.rounds)
     config = engine_config_from_args(args)
     out = args.out or default_out_dir()
     records = run_bench(config, bench, out_dir=out)

@@ -62,3 +62,20 @@ def level_record(level: LevelResult, input_len: int, output_len: int) -> dict:
     }
     rec.update(level.extra)
     return rec
+
+
+def merge_rounds(rounds: list[LevelResult]) -> LevelResult:
+    """One level measured in several rounds (same mode and concurrency) as one result: all the
+    requests, the rounds' wall times summed, preemptions summed; `round_tok_s` keeps each
+    round's throughput so the spread stays visible."""
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+    extra = dict(first.extra)
+    if "preemptions" in extra:
+        extra["preemptions"] = sum(r.extra.get("preemptions", 0) for r in rounds)
+    extra["rounds"] = len(rounds)
+    extra["round_tok_s"] = [round(sum(t.output_tokens for t in r.timings) / r.wall_s, 3) if r.wall_s > 0 else None
+                            for r in rounds]
+    timings = tuple(t for r in rounds for t in r.timings)
+    return LevelResult(first.mode, first.concurrency, timings, sum(r.wall_s for r in rounds), extra)

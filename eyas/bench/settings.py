@@ -59,6 +59,11 @@ class BenchConfig:
     # mode: one-off per-shape costs (oneDNN primitive creation on CPU, kernel autotuning) are
     # process-wide, so otherwise they land on whichever mode runs first.
     prewarm: bool = True
+    # rounds >= 2: every level runs `rounds` times per mode, the modes interleaved (a round runs
+    # them in order, the next in reverse) on engines that all stay alive, each round on fresh
+    # prompts; a level's record sums its rounds. Slow drift of a shared machine then lands on
+    # every mode alike instead of on whichever ran during it.
+    rounds: int = 1
 
     def __post_init__(self):
         if self.modes is not None:
@@ -81,6 +86,7 @@ class BenchConfig:
         _positive("input_len", self.input_len)
         _positive("output_len", self.output_len)
         _positive("num_prompts", self.num_prompts)
+        _positive("rounds", self.rounds)
         if not self.temperature >= 0.0:
             raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
         object.__setattr__(self, "peers", tuple(self.peers))

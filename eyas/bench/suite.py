@@ -1,7 +1,9 @@
-"""run_bench: every mode over the concurrency sweep, one engine per mode, outputs written as it goes.
+"""run_bench: every mode over the concurrency sweep, outputs written as it goes. With one round
+(the default) one engine per mode runs the whole sweep, one mode after the other; with --rounds R
+>= 2 all the modes' engines stay alive and each level runs R rounds, the modes interleaved.
 
-Prompt plan: level k (in --concurrency order) uses the next prompts_at(c) prompts of the fixed set,
-so no prompt repeats inside an engine (prefix-cache hits are only the shared template prefix);
+Prompt plan: level k (in --concurrency order) uses the next rounds x prompts_at(c) prompts of the
+fixed set (round r the r-th slice), so no prompt repeats inside an engine (prefix-cache hits are only the shared template prefix);
 the warm-up requests use prompts after all of those, and the pre-warm pass (first mode only, every
 level untimed at up to 16 output tokens) the ones after those. Every mode (and the hf peer) gets
 exactly the same timed ids in the same order.
@@ -35,8 +37,8 @@ def _plan(bench: BenchConfig, prompt_ids: list[list[int]]
     """(prompts per concurrency level, warm-up prompts, pre-warm prompts per level)."""
     levels, prewarm, at = {}, {}, 0
     for c in bench.concurrency:
-        levels[c] = prompt_ids[at:at + bench.prompts_at(c)]
-        at += bench.prompts_at(c)
+        levels[c] = prompt_ids[at:at + bench.rounds * bench.prompts_at(c)]
+        at += bench.rounds * bench.prompts_at(c)
     warmup = prompt_ids[at:at + bench.warmup]
     at += bench.warmup
     if bench.prewarm:
@@ -63,6 +65,43 @@ def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress
             _add(records, level_record(level, bench.input_len, bench.output_len), out)
     finally:
         del engine  # the next mode's engine needs the memory
+        _free_memory()
+
+
+def _run_interleaved(config, bench, levels, warmup, records, out, progress, prewarm) -> None:
+    """Every mode's engine alive at once; each level runs bench.rounds rounds, the modes in order
+    in even rounds and reversed in odd ones, each round on its own slice of the level's prompts."""
+    from eyas.bench.metrics import merge_rounds
+    from eyas.bench.runner import run_closed_loop, run_level, warm_up
+    from eyas.engine import create_engine
+
+    engines = {}
+    try:
+        for i, mode in enumerate(bench.modes):
+            cfg = engine_config_for(mode, config, max(bench.concurrency))
+            engine = create_engine(cfg)
+            engines[mode] = (engine, cfg)
+            check_fits(engine.max_model_len, bench.input_len, bench.output_len)
+            warm_up(engine, warmup, bench.output_len)
+            if i == 0:  # process-wide per-shape costs: one untimed pass is enough
+                for c, prompts in prewarm.items():
+                    run_closed_loop(engine, prompts, c, min(bench.output_len, 16), tag=f"prewarm{c}-",
+                                    progress=False)
+        for c, prompts in levels.items():
+            n = bench.prompts_at(c)
+            done: dict[str, list] = {mode: [] for mode in bench.modes}
+            for r in range(bench.rounds):
+                for mode in (bench.modes if r % 2 == 0 else bench.modes[::-1]):
+                    engine, cfg = engines[mode]
+                    done[mode].append(run_level(engine, mode, prompts[r * n:(r + 1) * n], c, bench.output_len,
+                                                bench.temperature, progress=progress,
+                                                extra=spec_summary(cfg)))
+                    log.info("bench %s c=%d round %d/%d: %.1f tok/s", mode, c, r + 1, bench.rounds,
+                             sum(t.output_tokens for t in done[mode][-1].timings) / done[mode][-1].wall_s)
+            for mode in bench.modes:  # nospec first, so the others' speedups fill in as they land
+                _add(records, level_record(merge_rounds(done[mode]), bench.input_len, bench.output_len), out)
+    finally:
+        engines.clear()  # the hf peer needs the memory
         _free_memory()
 
 
@@ -123,16 +162,19 @@ def run_bench(config, bench: Optional[BenchConfig] = None, *, out_dir: Optional[
     from eyas.bench.prompts import build_prompt_ids
 
     tokenizer = load_tokenizer(resolve_model(config.model))
-    total = (2 if bench.prewarm else 1) * sum(bench.prompts_at(c) for c in bench.concurrency) + bench.warmup
+    total = (bench.rounds + bench.prewarm) * sum(bench.prompts_at(c) for c in bench.concurrency) + bench.warmup
     levels, warmup, prewarm = _plan(bench, build_prompt_ids(tokenizer, total, bench.input_len))
     started = time.time()
     meta = build_meta(config, bench, command, out_dir=str(out))
     write_meta(out, meta)
 
     records: list[dict] = []
-    for i, mode in enumerate(bench.modes):
-        _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress,
-                         prewarm=prewarm if i == 0 else None)
+    if bench.rounds > 1:
+        _run_interleaved(config, bench, levels, warmup, records, out, progress, prewarm)
+    else:
+        for i, mode in enumerate(bench.modes):
+            _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress,
+                             prewarm=prewarm if i == 0 else None)
     if "hf" in bench.peers:
         _run_hf(config, bench, levels, warmup, records, out, progress)
     write_plot(out / "results.png", records, title=f"{Path(str(config.model)).name}, "
