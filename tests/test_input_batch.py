@@ -192,3 +192,36 @@ def test_attention_batch_without_mask_flag_still_masks():
     q, k, v = torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
     out = paged_attention(q, k, v, k_cache, v_cache, plain, 0.3)
     torch.testing.assert_close(out.double(), reference_attention(q, k_cache, v_cache, attn, 0.3))
+
+
+def test_attention_groups():
+    from eyas.workers.input_batch import attention_groups
+
+    assert attention_groups([1] * 16) is None  # uniform decode
+    assert attention_groups([128] * 4) is None  # uniform prefill
+    assert attention_groups([100, 120, 128]) is None  # little padding
+    assert attention_groups([1, 1, 1, 128]) == [[0, 1, 2], [3]]
+    assert attention_groups([6, 64, 1, 200]) == [[0, 2], [1], [3]]
+    assert attention_groups([40, 1, 1, 1]) == [[1, 2, 3], [0]]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+def test_mixed_steps_attend_in_parts(heads, kv_heads):
+    # decodes next to prefill chunks (one of them a tree): parts, each on its own small grid
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    block_size, dim = 4, 16
+    spans = [SeqSpan([1], rng.randrange(3, 30), list(range(10 * b, 10 * b + 9))) for b in range(5)]
+    spans.insert(2, SeqSpan(list(range(33)), 4, list(range(60, 70))))
+    spans.append(SeqSpan(list(range(12)), 0, list(range(80, 84)), random_tree_mask(rng, 9)))
+    attn = build_forward_inputs(spans, block_size).attn
+    assert attn.parts is not None and [p.num_seqs for p in attn.parts] == [5, 1, 1]
+    assert attn.parts[0].q_index.shape == (5, 1)  # not padded to the chunk's 33 queries
+    num_tokens = attn.slot_mapping.shape[0]
+    k_cache = torch.randn(100, block_size, kv_heads, dim)
+    v_cache = torch.randn(100, block_size, kv_heads, dim)
+    q = torch.randn(num_tokens, heads, dim)
+    k, v = torch.randn(num_tokens, kv_heads, dim), torch.randn(num_tokens, kv_heads, dim)
+    out = paged_attention(q, k, v, k_cache, v_cache, attn, dim ** -0.5)
+    want = reference_attention(q, k_cache, v_cache, attn, dim ** -0.5)  # the whole step's fields
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,12 @@ class AttentionBatch:
     kv_slots: torch.Tensor  # [B, Kmax] int64: cache slot of key j of seq b (padding: slot 0)
     mask: torch.Tensor  # [B, 1, Qmax, Kmax] bool: True where query i of seq b may attend key j
     mask_is_full: bool = False  # True only if every entry of mask is True (attention skips it)
+    # A step whose sequences have very different query counts (decodes next to a prefill chunk)
+    # attends in parts: each part is a batch over some of the sequences, its q_index pointing
+    # at flat rows of the whole step, `rows` [T_part] the flat rows of its tokens in its own order.
+    # The fields above still describe the whole step (slot_mapping writes every token).
+    parts: Optional[list["AttentionBatch"]] = None
+    rows: Optional[torch.Tensor] = None  # set on a part only
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -86,7 +92,7 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def pad_queries(q: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
     """q [T, Hq, D] -> [B, Qmax, Hq, D] (padding queries are zeros; a view when dense)."""
     num_seqs, q_max = batch.q_index.shape
-    if q.shape[0] != num_seqs * q_max:  # not every sequence has Qmax queries: pad
+    if batch.rows is not None or q.shape[0] != num_seqs * q_max:  # a part, or padding: gather
         q = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, batch.q_index.view(-1))
     return q.view(num_seqs, q_max, *q.shape[1:])
 
@@ -128,6 +134,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     batch: AttentionBatch, scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]. Writes k/v to the cache first."""
     write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    if batch.parts is None:
+        return cached_attention(q, k_cache, v_cache, batch, scale)
+    out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])  # [T, Hq, Dv]
+    for part in batch.parts:
+        out.index_copy_(0, part.rows, cached_attention(q, k_cache, v_cache, part, scale))
+    return out
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """Attention of the batch's queries over cached K/V: [T, Hq, D] -> [T_batch, Hq, Dv] (for a
+    part, its tokens in the order of batch.rows)."""
     num_seqs, num_kv_heads = batch.num_seqs, k_cache.shape[2]
     rows = batch.derived(("kv_rows", num_kv_heads),
                          lambda: head_major_rows(batch.kv_slots, num_kv_heads))
@@ -137,4 +155,4 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not batch.mask_is_full:
         bias = batch.derived(("bias", q.dtype), lambda: additive_mask(batch.mask, q.dtype))
     out = attend(pad_queries(q, batch), keys, values, bias, scale)  # [B, Qmax, Hq, Dv]
-    return unpad_output(out, batch, q.shape[0])
+    return unpad_output(out, batch, q.shape[0] if batch.rows is None else batch.rows.shape[0])

@@ -112,6 +112,41 @@ def apply_trees(spans: Seq[SeqSpan], lens: Seq[int], positions: torch.Tensor,
         mask[b, n - n_tree:n, tree_start:tree_start + n_tree] = span.tree_mask
 
 
+SHORT_QUERIES = 8  # spans of at most this many queries (decode, verify) attend as one part
+
+
+def attention_groups(lens: Seq[int]) -> Optional[list[list[int]]]:
+    """Sequences grouped for attention when one padded [B, Qmax] grid would be mostly padding
+    (more than twice the real queries): the short spans together, each longer span alone.
+    None: attend as one batch. Example: 15 decodes and a 128-token prefill chunk pad to 2048
+    query cells for 143 queries -> [[the 15 decodes], [the chunk]]."""
+    if len(lens) < 2 or len(lens) * max(lens) <= 2 * sum(lens):
+        return None
+    short = [b for b, n in enumerate(lens) if n <= SHORT_QUERIES]
+    groups = ([short] if short else []) + [[b] for b, n in enumerate(lens) if n > SHORT_QUERIES]
+    return groups if len(groups) > 1 else None
+
+
+def attention_part(group: list[int], lens: Seq[int], query_start: Seq[int], kv_lens: Seq[int],
+                   kv_slots: torch.Tensor, mask: torch.Tensor, device: torch.device | str) -> AttentionBatch:
+    """The AttentionBatch of some sequences of a step: their rows of the step's
+    key slots and [B, Qmax, Kmax] mask, cut to the group's own Qmax and Kmax; q_index points at
+    the step's flat rows (T, the step's padding row, for padding)."""
+    total = query_start[-1]
+    grid = query_grid([lens[b] for b in group])
+    rows = torch.cat([torch.arange(query_start[b], query_start[b + 1]) for b in group])  # [T_g]
+    q_max, k_max = grid.q_index.shape[1], max(kv_lens[b] for b in group)
+    index = torch.tensor(group)
+    return AttentionBatch(
+        slot_mapping=torch.empty(0, dtype=torch.long, device=device),  # the step writes every token
+        q_index=torch.cat([rows, torch.tensor([total])])[grid.q_index].to(device),  # -> step rows
+        out_index=grid.out_index.to(device),
+        kv_slots=kv_slots[index, :k_max].to(device),
+        mask=mask[index, :q_max, :k_max].unsqueeze(1).to(device),  # [B_g, 1, Qmax_g, Kmax_g]
+        rows=rows.to(device),
+    )
+
+
 def build_forward_inputs(spans: Seq[SeqSpan], block_size: int,
                          device: torch.device | str = "cpu") -> ForwardInputs:
     """Flatten spans into input_ids/positions and an AttentionBatch.
@@ -146,6 +181,10 @@ def build_forward_inputs(spans: Seq[SeqSpan], block_size: int,
     mask_is_full = q_max == 1 and grid.valid is None and min(kv_lens) == k_max and not has_tree
 
     input_ids = torch.tensor(list(chain.from_iterable(s.token_ids for s in spans)), dtype=torch.long)
+    groups = attention_groups(lens)
+    parts = None
+    if groups is not None:
+        parts = [attention_part(g, lens, query_start, kv_lens, kv_slots, mask, device) for g in groups]
     attn = AttentionBatch(
         slot_mapping=grid.flat(slots).to(device),
         q_index=grid.q_index.to(device),
@@ -153,6 +192,7 @@ def build_forward_inputs(spans: Seq[SeqSpan], block_size: int,
         kv_slots=kv_slots.to(device),
         mask=mask.unsqueeze(1).to(device),  # [B, 1, Qmax, Kmax]
         mask_is_full=mask_is_full,
+        parts=parts,
     )
     return ForwardInputs(
         input_ids=input_ids.to(device),
