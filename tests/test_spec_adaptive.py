@@ -371,3 +371,31 @@ def test_adaptive_tree_is_lossless(tiny_engine_factory, tiny_drafter_path, plain
     ctrl = engine.spec.controller = Recording(ControllerConfig(4, tree=True, probe_every=4, max_probe_every=4))
     assert run_all(engine, PROMPTS, PARAMS, stagger=2) == plain
     assert set(ctrl.chosen) == {0, 4}
+
+
+def test_stalled_steps_do_not_move_the_estimate():
+    # plain steps take 100 ms, drafting one token 175 ms for 1.3 tokens: plain wins by 26%;
+    # every fourth plain step stalls at 400 ms (another process holding the core)
+    ctrl = SpecController(ControllerConfig(max_tokens=1))
+    for i in range(40):
+        ctrl.record_time(16, 0, 0.400 if i % 4 == 3 else 0.100)
+        ctrl.record_time(16, 1, 0.175)
+    for a in [1] * 30 + [0] * 70:
+        ctrl.record_accept(1, a)
+    assert ctrl.step_time(16, 0) == pytest.approx(0.100)
+    assert ctrl.choose(16) == 0
+
+
+def test_plain_reference_steps_follow_a_drifting_machine():
+    # phase 1, a slow machine: one draft costs 10% more, buys 35%: drafting wins. Phase 2, the
+    # machine twice as fast but drafting 50% dearer: plain decoding wins by 10%; only fresh
+    # plain steps can show it (t(0) from phase 1 would still say 200 ms)
+    phase = {"slow": True}
+    cost = lambda k: (0.200 + 0.020 * k) if phase["slow"] else (0.100 + 0.050 * k)  # noqa: E731
+    ctrl = SpecController(ControllerConfig(max_tokens=1, accept_decay=0.999))
+    first = simulate(ctrl, cost, alpha=0.35, batch=16, steps=300)
+    assert mostly(first, 1, share=0.85)
+    assert 0 in first[200:]  # plain reference steps while drafting is best
+    phase["slow"] = False
+    second = simulate(ctrl, cost, alpha=0.35, batch=16, steps=600, seed=1)
+    assert mostly(second[300:], 0, share=0.85)

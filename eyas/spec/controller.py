@@ -9,8 +9,11 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
 - E[tokens | k] for chains: 1 + sum_{i<=k} prod_{j<=i} alpha_j, where alpha_j is the running
   rate at which draft position j is accepted once positions < j were (decayed counts, so it
   follows drift). For trees the candidates are {0, n}; E[tokens | n] is a running mean.
-- time(B, k): an exponential moving average of measured step times (draft + verify) per batch
-  bucket (powers of two) and k (the first sample, which pays one-time costs, is replaced).
+- time(B, k): the median of the last `time_window` measured step times (draft + verify) per
+  batch bucket (powers of two) and k (the first sample, which pays one-time costs, is dropped
+  once a second arrives). A median, because on a shared CPU a stalled step can take several
+  times the usual: with a moving average, such outliers inflated t(16, 0) from 128 to 202 ms in a
+  traced run, and drafting one token (226 ms a step, for 1.3 tokens) looked like a gain.
   A bucket's own data come first: a measured k is used as is, and once >= 2 k are measured
   the others lie on the least-squares line through them (the bucket is then "modelled").
 - A bucket with fewer than two measured k borrows from the modelled buckets, once there are at
@@ -44,6 +47,9 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   `explore_budget` of their time, and no probe runs while any debt is left. So probes cost at
   most about that share of the run, however expensive one turns out to be (example: with 0.02,
   a probe 150 ms slower than the best step defers the next one by 7.5 s of steps).
+- While drafting is the best, every `probe_every`-th step of a bucket is plain (no back-off):
+  the machine's speed drifts (steps of one run were seen anywhere from 100 to 200 ms on a shared
+  CPU), and t(B, 0), the reference drafting must beat, is only comparable when recent.
 - Drafting must win by a margin: k > 0 is chosen only when its predicted tokens/s beats plain
   decoding's by `min_gain`. Near break-even the estimates are within noise, and drafting has
   costs the per-step times miss (the drafter's catch-up after plain steps, sequences of one
@@ -54,7 +60,9 @@ the drafter's features keep flowing while k = 0 (it catches up at the next draft
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from statistics import median
 from typing import Optional
 
 from eyas.errors import ConfigError
@@ -64,7 +72,7 @@ from eyas.errors import ConfigError
 class ControllerConfig:
     max_tokens: int  # k_max: chain length, or tree size budget
     tree: bool = False  # candidates {0, max_tokens} instead of 0..max_tokens
-    time_ema: float = 0.3  # weight of the newest step time
+    time_window: int = 5  # step times per (bucket, k) whose median is the estimate
     accept_decay: float = 0.995  # per-record decay of acceptance counts
     probe_every: int = 32  # steps per bucket between probes of a non-best candidate...
     max_probe_every: int = 512  # ...doubling up to this while the best choice stays the same
@@ -78,8 +86,9 @@ class ControllerConfig:
     def __post_init__(self):
         if self.max_tokens < 1:
             raise ConfigError(f"adaptive speculation needs max draft tokens >= 1, got {self.max_tokens}")
-        if not 0 < self.time_ema <= 1 or not 0 < self.accept_decay <= 1:
-            raise ConfigError("time_ema and accept_decay must be in (0, 1]")
+        if self.time_window < 1 or not 0 < self.accept_decay <= 1:
+            raise ConfigError(f"need time_window >= 1 and accept_decay in (0, 1], got "
+                              f"{self.time_window}, {self.accept_decay}")
         if not 2 <= self.probe_every <= self.max_probe_every:
             raise ConfigError(f"need 2 <= probe_every <= max_probe_every, got {self.probe_every}, "
                               f"{self.max_probe_every}")
@@ -131,13 +140,15 @@ class SpecController:
         self.reached = [0.0] * n  # position j drafted with all earlier drafts accepted
         self.accepted = [0.0] * n  # ... and accepted
         self.tree_tokens: Optional[float] = None  # running mean tokens/sequence of tree steps
-        self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> EMA seconds per step
+        self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> median seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
-        self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> batch size of those
+        self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> median batch of the window
+        self.window: dict[tuple[int, int], deque] = {}  # (bucket, k) -> recent (seconds, batch)
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
         self.best: dict[int, int] = {}  # bucket -> current best k
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
         self.next_probe: dict[int, int] = {}  # bucket -> step count of the next probe
+        self.next_plain: dict[int, int] = {}  # bucket -> step count of the next plain reference step
         self.probes: dict[int, int] = {}
         self.debt = 0.0  # seconds of probe overhead not yet paid off (see explore_budget)
         self.probe_baseline: Optional[float] = None  # predicted seconds of the best, for the probe in flight
@@ -263,6 +274,12 @@ class SpecController:
             best = 0  # within the margin: plain decoding
         if best != self.best.get(b):  # the choice moved: probe at the base rate again
             self.best[b], self.interval[b] = best, self.config.probe_every
+        if best != 0 and n >= self.next_plain.get(b, self.config.probe_every):
+            # drafting is judged against plain decoding, so t(B, 0) stays fresh: a plain step
+            # every probe_every steps, never backing off (it costs no time, being the cheaper)
+            self.next_plain[b] = n + self.config.probe_every
+            if 0 in known:
+                return 0
         if n >= self.next_probe.get(b, self.first_probe(b)) and self.debt <= 0:
             # probes back off (x2 up to max_probe_every) while the best choice holds
             self.next_probe[b] = n + self.interval[b]
@@ -298,12 +315,12 @@ class SpecController:
         b = bucket_of(batch)
         known = self.times.setdefault(b, {})
         n = self.samples[(b, k)] = self.samples.get((b, k), 0) + 1
-        w = self.config.time_ema
-        # the first step of a shape pays one-time costs (kernel selection, allocations): the
-        # second sample replaces it instead of averaging with it
-        known[k] = seconds if n <= 2 else (1 - w) * known[k] + w * seconds
-        at = self.batch_at.get((b, k), batch)  # where in the bucket those times were taken
-        self.batch_at[(b, k)] = batch if n <= 2 else (1 - w) * at + w * batch
+        recent = self.window.setdefault((b, k), deque(maxlen=self.config.time_window))
+        if n == 2:  # the first step of a shape pays one-time costs (kernel selection, allocations)
+            recent.clear()
+        recent.append((seconds, batch))
+        known[k] = median(t for t, _ in recent)
+        self.batch_at[(b, k)] = median(x for _, x in recent)  # where in the bucket (times grow with it)
 
     def record_step(self, seconds: float) -> None:
         """Every step this controller chose (timed or not: prefill, catch-up) took `seconds`;
