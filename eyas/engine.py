@@ -211,6 +211,9 @@ class LLMEngine:
             log.info("compiled %d step graphs", n)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        # plain steps only: observer(plan items, ForwardResult, sampled item indices, their logits
+        # [S, V] or None), called before sampling (train/capture.py collects drafter features)
+        self.step_observer = None
         self.num_steps = 0
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  folder, self.device, self.dtype, self.num_blocks, config.block_size, self.max_model_len)
@@ -300,9 +303,13 @@ class LLMEngine:
         sampled = [i for i, it in enumerate(plan.items) if it.sample]
         new_tokens: dict[int, list[int]] = {}
         logprobs: dict[int, Optional[dict]] = {}
+        logits = None
         if sampled:
             rows = result.inputs.last_index[sampled]
             logits = self.runner.logits(result.hidden, rows)  # [S, V]
+        if self.step_observer is not None:
+            self.step_observer(plan.items, result, sampled, logits)
+        if sampled:
             seqs = [plan.items[i].seq for i in sampled]
             out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             for j, i in enumerate(sampled):

@@ -386,3 +386,80 @@ def test_prompt_sets_are_valid_large_and_disjoint():
     rows = module.build(seed=0)
     shipped = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
     assert rows == shipped  # the file is what the script makes
+
+
+def test_features_captured_while_regenerating_match_a_second_pass(tmp_path, tiny_llama_path):
+    """The regenerating engine's own aux rows and logits give the same records as a separate
+    teacher-forced features pass over the same responses (the last, never-fed position is zero)."""
+    from eyas.prompts import read_prompt_file
+    from eyas.train import data
+
+    specs = read_prompt_file(write_prompts(tmp_path / "prompts.jsonl"))
+    aux = (0, 1, 1)
+    opts = data.RegenOptions(max_new_tokens=12, samples_per_prompt=2, device="cpu", max_model_len=256,
+                             kv_cache_memory="32MiB", max_num_seqs=4)  # 4 at a time: requests come and go
+    work = tmp_path / "work"
+    work.mkdir()
+    capture = data.CaptureOptions(aux_layer_ids=aux, feature_dir=str(work / "features"), topk=8,
+                                  shard_bytes=40_000)  # several shards
+    stats = data.regenerate(str(tiny_llama_path), specs, {"p3"}, work / "responses.jsonl", opts,
+                            progress=False, capture=capture)
+    lines = data.read_jsonl(work / "responses.jsonl")
+    assert len(lines) == 24 and stats["response_tokens"] == sum(len(r["response_ids"]) for r in lines)
+    shards = data.list_shards(work / "features", "train") + data.list_shards(work / "features", "val")
+    assert len(shards) > 2 and {"train", "val"} == {p.name.split("-")[0] for p in shards}
+    captured = {(r["id"], r["sample"]): r for p in shards for r in data.load_shard(p)}
+    assert set(captured) == {(r["id"], r["sample"]) for r in lines}
+    index = data.shard_lengths(work / "features")
+    assert sorted(index) == sorted(p.name for p in shards)
+
+    second = tmp_path / "second"
+    data.capture_features(str(tiny_llama_path), work / "responses.jsonl", second,
+                          data.FeatureOptions(aux_layer_ids=aux, topk=8, device="cpu"), progress=False)
+    reference = {(r["id"], r["sample"]): r for p in second.glob("*.pt") for r in data.load_shard(p)}
+    for key, ref in reference.items():
+        got = captured[key]
+        assert torch.equal(got["input_ids"], ref["input_ids"]) and got["prompt_len"] == ref["prompt_len"]
+        n = len(ref["input_ids"])
+        assert got["aux"].shape == ref["aux"].shape
+        assert torch.allclose(got["aux"][:n - 1].float(), ref["aux"][:n - 1].float(), atol=2e-2, rtol=1e-2)
+        assert not got["aux"][n - 1].any()
+        assert torch.equal(got["topk_ids"][:, 0], ref["topk_ids"][:, 0])  # the argmax, at least
+        assert torch.allclose(got["topk_logprobs"].float(), ref["topk_logprobs"].float(), atol=2e-2)
+
+
+def test_fine_tuning_starts_from_the_given_drafter(tmp_path, tiny_llama_path, tiny_drafter_path):
+    from transformers import AutoConfig
+
+    from eyas.models.eagle3 import load_drafter
+    from eyas.train.trainer import train_drafter
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:6])
+    target = AutoConfig.from_pretrained(tiny_llama_path)
+    base = load_drafter(tiny_drafter_path, target)
+    # a vanishing learning rate: the result is the starting drafter (up to fp16 rounding)
+    out = tmp_path / "still"
+    summary = train_drafter(tiny_config(tiny_llama_path, prompts, out, epochs=1, lr=1e-12,
+                                        init_drafter=str(tiny_drafter_path)))
+    assert summary["draft_vocab"] == base.draft_vocab_size != 512  # the drafter's, not --draft-vocab
+    assert summary["init_drafter"] == str(tiny_drafter_path)
+    still = load_drafter(out, target)
+    assert torch.equal(still.d2t, base.d2t) and torch.equal(still.t2d, base.t2d)
+    for (name, a), (_, b) in zip(base.named_parameters(), still.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-3), name
+    # a real learning rate moves it, and the loss goes down from the drafter's own
+    moved = train_drafter(tiny_config(tiny_llama_path, prompts, tmp_path / "moved", epochs=2,
+                                      init_drafter=str(tiny_drafter_path)))
+    assert moved["val_loss"] < moved["val_loss_before_training"]
+    tuned = load_drafter(tmp_path / "moved", target)
+    assert not torch.allclose(tuned.fc.weight, base.fc.weight, atol=1e-3)
+
+
+def test_fine_tuning_refuses_a_drafter_of_other_aux_layers(tmp_path, tiny_llama_path, tiny_drafter_path):
+    from eyas.train.trainer import train_drafter
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:4])
+    cfg = tiny_config(tiny_llama_path, prompts, tmp_path / "o", init_drafter=str(tiny_drafter_path),
+                      aux_layers=(1, 1, 1))
+    with pytest.raises(InvalidRequestError, match="aux layers"):
+        train_drafter(cfg)

@@ -45,7 +45,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, help="prompt + response cap for generation")
     g.add_argument("--kv-cache-memory", help="generation KV budget, e.g. 2GiB or 0.5")
     g.add_argument("--feature-batch-tokens", type=int, default=4096,
-                   help="tokens per target forward when capturing features")
+                   help="tokens per target forward of the separate features pass (--no-capture)")
+    g.add_argument("--no-capture", dest="capture", action="store_false",
+                   help="capture the features in a second target pass over the regenerated "
+                        "text instead of while regenerating")
     g = p.add_argument_group("training")
     g.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size")
     g.add_argument("--ttt-steps", type=int, default=7, help="training-time-test unroll length")
@@ -61,6 +64,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="stop after this many epochs without val improvement (0: never)")
     g.add_argument("--step-weight", type=float, default=0.8, help="loss weight base per step")
     g.add_argument("--intermediate-size", type=int, help="drafter MLP width (default: target's)")
+    g.add_argument("--init-drafter", metavar="D",
+                   help="fine-tune: start from this drafter (name or folder), keeping its draft "
+                        "vocabulary")
     g.add_argument("--lm-head-init", choices=["target", "random"], default="target",
                    help="lm_head from the target's head rows of the draft vocab, or random")
     g = p.add_argument_group("run")

@@ -114,9 +114,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class CaptureOptions:
+    """Capture the drafter's features while regenerating (train/capture.py)."""
+    aux_layer_ids: tuple[int, ...]
+    feature_dir: str
+    topk: int = 32
+    shard_bytes: int = 256 * 2**20  # about this much per shard file
+
+
 def regenerate(target: str, specs: list[PromptSpec], val_ids: set[str], out_path: Path,
-               opts: RegenOptions, progress: bool = True) -> dict:
-    """Answer every (prompt, sample) not yet in out_path with the target; append as they finish.
+               opts: RegenOptions, progress: bool = True,
+               capture: Optional[CaptureOptions] = None) -> dict:
+    """Answer every (prompt, sample) not yet in out_path with the target; append as they finish
+    (with `capture`: once their feature shard is on disk).
 
     Returns stats: requests, skipped (prompt too long), response tokens, elapsed, tok/s.
     """
@@ -139,7 +150,18 @@ def regenerate(target: str, specs: list[PromptSpec], val_ids: set[str], out_path
     for name in ("max_model_len", "kv_cache_memory", "num_threads"):
         if getattr(opts, name) is not None:
             cfg = cfg.replace(**{name: getattr(opts, name)})
+    if capture is not None:  # every prompt position must be fed to be captured: no cache hits
+        cfg = cfg.replace(enable_prefix_caching=False)
     engine = LLMEngine(cfg)
+    collector = writer = None
+    if capture is not None:
+        from eyas.train.capture import FeatureCollector, ShardWriter
+
+        collector = FeatureCollector(capture.topk)
+        engine.runner.aux_layer_ids = tuple(capture.aux_layer_ids)
+        engine.step_observer = collector
+        per_token = len(capture.aux_layer_ids) * engine.model.hidden_size * 2 + capture.topk * 6
+        writer = ShardWriter(out_path, Path(capture.feature_dir), max(1024, capture.shard_bytes // per_token))
     meta: dict[str, tuple[str, int, list[int]]] = {}
     for n, (spec, k) in enumerate(todo):
         try:
@@ -154,6 +176,8 @@ def regenerate(target: str, specs: list[PromptSpec], val_ids: set[str], out_path
                                 seed=_request_seed(opts.seed, spec.id, k) if temp > 0 else None)
         rid = f"regen-{n}"
         engine.add_request(rid, params=params, prompt_token_ids=ids)
+        if collector is not None:
+            collector.start(rid, len(ids), params.max_tokens)
         meta[rid] = (spec.id, k, ids)
     start = time.perf_counter()
     tokens = 0
@@ -170,16 +194,23 @@ def regenerate(target: str, specs: list[PromptSpec], val_ids: set[str], out_path
                     rec = {"id": pid, "sample": k, "split": "val" if pid in val_ids else "train",
                            "prompt_ids": ids, "response_ids": list(out.token_ids),
                            "finish_reason": out.finish_reason}
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
+                    if writer is not None:
+                        writer.add(rec, collector.finish(out.id, ids, rec["response_ids"]))
+                    else:
+                        f.write(json.dumps(rec) + "\n")
+                        f.flush()
                     stats["response_tokens"] += len(out.token_ids)
                     bar.update(1)
                 elapsed = time.perf_counter() - start
                 bar.set_postfix_str(f"{tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+        if writer is not None:
+            writer.flush()
     finally:
         bar.close()
     stats["elapsed_s"] = time.perf_counter() - start
     stats["tok_s"] = stats["response_tokens"] / max(stats["elapsed_s"], 1e-9)
+    if collector is not None:
+        stats["clamped_values"] = collector.clamped_values
     return stats
 
 

@@ -68,6 +68,8 @@ class TrainConfig:
     kv_cache_memory: Optional[str] = None  # regeneration engine's KV budget (default: engine's)
     num_threads: Optional[int] = None  # CPU threads (default: torch's)
     feature_batch_tokens: int = 4096
+    capture: bool = True  # features captured while regenerating (else a second target pass)
+    init_drafter: Optional[str] = None  # start from this drafter's weights and draft vocab
     intermediate_size: Optional[int] = None
     lm_head_init: str = "target"  # target: the target's head rows of the draft vocab; random
     save_dtype: str = "float16"
@@ -132,6 +134,10 @@ class Pipeline:
         self.work.mkdir(parents=True, exist_ok=True)
         self.vocab_size = self.target_config.vocab_size
         self.vd = min(cfg.draft_vocab, self.vocab_size)
+        self.init = None
+        if cfg.init_drafter:
+            self.init = load_init_drafter(cfg.init_drafter, self.target_config, self.aux)
+            self.vd = self.init.draft_vocab_size
 
         val_ids = data.split_prompts([s.id for s in specs], cfg.val_fraction, cfg.seed)
         regen_params = {"target": str(self.target_folder), "prompts": data.file_digest(cfg.prompts),
@@ -139,15 +145,18 @@ class Pipeline:
                         "samples_per_prompt": cfg.samples_per_prompt,
                         "temperature": cfg.temperature, "seed": cfg.seed,
                         "extra_sample_temperature": cfg.extra_sample_temperature,
-                        "val_fraction": cfg.val_fraction, "max_model_len": cfg.max_model_len}
+                        "val_fraction": cfg.val_fraction, "max_model_len": cfg.max_model_len,
+                        "capture": cfg.capture}
+        if cfg.capture:  # the features come out of this stage
+            regen_params.update(aux_layers=list(self.aux), topk=cfg.topk)
         self._stage("regenerate", regen_params, lambda: self._regenerate(specs, val_ids))
         self._stage("features", {"aux_layers": list(self.aux), "topk": cfg.topk},
                     self._features)
-        self._stage("vocab", {"draft_vocab": self.vd}, self._vocab)
+        self._stage("vocab", {"draft_vocab": self.vd, "init_drafter": cfg.init_drafter}, self._vocab)
         train_params = {k: getattr(cfg, k) for k in (
             "ttt_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "weight_decay",
             "grad_clip", "batch_tokens", "patience", "step_weight", "seed", "intermediate_size",
-            "lm_head_init")}
+            "lm_head_init", "init_drafter")}
         self._stage("train", train_params, self._train)
         summary = self._save(len(specs))
         self.on_event("finished", summary=summary)
@@ -184,8 +193,12 @@ class Pipeline:
             seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, max_num_seqs=cfg.max_num_seqs,
             max_model_len=cfg.max_model_len, kv_cache_memory=cfg.kv_cache_memory,
             num_threads=cfg.num_threads)
+        capture = None
+        if cfg.capture:
+            capture = data.CaptureOptions(aux_layer_ids=self.aux, topk=cfg.topk,
+                                          feature_dir=str(self.work / "features"))
         stats = data.regenerate(str(self.target_folder), specs, val_ids,
-                                self.work / "responses.jsonl", opts, cfg.progress)
+                                self.work / "responses.jsonl", opts, cfg.progress, capture)
         records = data.read_jsonl(self.work / "responses.jsonl")
         if not records:
             raise InvalidRequestError("prompts", "the target produced no responses (every "
@@ -199,6 +212,12 @@ class Pipeline:
 
     def _features(self) -> dict:
         cfg = self.cfg
+        if cfg.capture:  # regeneration wrote the shards: only count them
+            index = data.shard_lengths(self.work / "features")
+            return {"shards": len(index), "sequences": sum(len(v) for v in index.values()),
+                    "tokens": sum(sum(v) for v in index.values()), "elapsed_s": 0.0,
+                    "captured_while_regenerating": True,
+                    "clamped_values": self.stats["regenerate"].get("clamped_values", 0)}
         opts = data.FeatureOptions(aux_layer_ids=self.aux, topk=cfg.topk, device=cfg.device,
                                    dtype=cfg.dtype, batch_tokens=cfg.feature_batch_tokens)
         return data.capture_features(str(self.target_folder), self.work / "responses.jsonl",
@@ -211,7 +230,10 @@ class Pipeline:
         counts = data.count_tokens(records, self.vocab_size, split="train")
         if counts.sum() == 0:
             counts = data.count_tokens(records, self.vocab_size, split=None)
-        d2t, t2d = build_vocab_maps(counts, self.vd)
+        if self.init is not None:  # fine-tuning keeps the drafter's vocabulary
+            d2t, t2d = self.init.d2t.clone(), self.init.t2d.clone()
+        else:
+            d2t, t2d = build_vocab_maps(counts, self.vd)
         torch.save({"d2t": d2t, "t2d": t2d, "counts": counts}, self.work / "vocab.pt")
         total = float(counts.sum())
         return {"draft_vocab": self.vd, "distinct_tokens": int((counts > 0).sum()),
@@ -219,7 +241,7 @@ class Pipeline:
 
     def _train(self) -> dict:
         trainer = DrafterTrainer(self.cfg, self.target_folder, self.target_config, self.aux,
-                                 self.work, self.on_event)
+                                 self.work, self.on_event, init=self.init)
         return trainer.fit()
 
     def _save(self, num_prompts: int) -> dict:
@@ -242,6 +264,7 @@ class Pipeline:
         return {
             "target": str(self.target_folder), "prompt_file": str(self.cfg.prompts),
             "prompts": num_prompts, "samples_per_prompt": self.cfg.samples_per_prompt,
+            "init_drafter": self.cfg.init_drafter,
             "sequences": regen.get("sequences"), "response_tokens": regen.get("response_tokens_total"),
             "draft_vocab": vocab["draft_vocab"], "draft_vocab_coverage": round(vocab["coverage"], 4),
             "aux_layers": list(self.aux), "ttt_steps": self.cfg.ttt_steps,
@@ -269,6 +292,22 @@ class Pipeline:
 
 
 # ---- the drafter -------------------------------------------------------------------------------
+def load_init_drafter(name: str, target_config, aux: tuple[int, ...]):
+    """The drafter to fine-tune (built-in name or folder), checked against the run's aux layers."""
+    from eyas.hub import resolve_model
+    from eyas.models.eagle3 import load_drafter
+
+    drafter = load_drafter(resolve_model(name), target_config)
+    if drafter.quant_config is not None:
+        raise InvalidRequestError("init_drafter", f"{name} is quantized; fine-tune the "
+                                  "unquantized drafter and quantize the result")
+    got = tuple(drafter.aux_layers_for(target_config.num_hidden_layers))
+    if got != tuple(aux):
+        raise InvalidRequestError("init_drafter", f"{name} reads aux layers {list(got)}, this run "
+                                  f"captures {list(aux)} (pass --aux-layers to match)")
+    return drafter
+
+
 def read_target_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The target's embedding and lm_head (the embedding when tied), fp32."""
     from safetensors import safe_open
@@ -350,7 +389,7 @@ class Meter:
 
 class DrafterTrainer:
     def __init__(self, cfg: TrainConfig, target_folder: Path, target_config, aux, work: Path,
-                 on_event: EventFn):
+                 on_event: EventFn, init=None):
         from eyas.engine import resolve_device
 
         self.cfg, self.work, self.on_event = cfg, work, on_event
@@ -360,6 +399,16 @@ class DrafterTrainer:
         tensors = read_target_tensors(target_folder)
         self.embed = tensors["embed"].to(self.device)  # [V, H], frozen
         self.drafter = build_drafter(target_config, aux, cfg, self.d2t, self.t2d, tensors)
+        if init is not None:  # fine-tune: every trained weight from the given drafter
+            own = dict(self.drafter.named_parameters())
+            with torch.no_grad():
+                for name, p in init.named_parameters():
+                    if name not in own or own[name].shape != p.shape:
+                        raise InvalidRequestError(
+                            "init_drafter", f"its {name} {tuple(p.shape)} does not fit this run's "
+                            f"drafter ({tuple(own[name].shape) if name in own else 'absent'}); "
+                            "check --intermediate-size")
+                    own[name].copy_(p.float())
         self.drafter.to(self.device).requires_grad_(True).train()
         self.t2d_index = target_to_draft_index(self.drafter)
         feats = work / "features"
