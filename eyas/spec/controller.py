@@ -38,22 +38,26 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   modelled (or with `borrow` off) does a new bucket explore on its own: it first tries
   k_max, then 0, to get two points.
 - Every `probe_every` steps in a bucket it runs a candidate other than the best (every other
-  probe a neighbour of the best, the rest round robin), so stale times and acceptance for unused depths get refreshed. While the best choice holds,
-  the interval doubles up to `max_probe_every` (a probe after a run of plain steps also pays
-  the drafter's catch-up), and it resets when the best choice changes.
+  probe a neighbour of the best, the rest round robin), so stale times and acceptance for
+  unused depths get refreshed. While the best choice holds, the interval doubles up to
+  `max_probe_every` (a probe after a run of plain steps also pays the drafter's catch-up), and
+  it resets when the best choice changes.
 - Exploration has a budget: a repeat probe's extra time (its whole step, catch-up included,
   minus the predicted time of the best choice; a shape's first probe pays one-time costs and is
-  exempt) is a debt that the following steps pay off at
-  `explore_budget` of their time, and no probe runs while any debt is left. So probes cost at
-  most about that share of the run, however expensive one turns out to be (example: with 0.02,
-  a probe 150 ms slower than the best step defers the next one by 7.5 s of steps).
+  exempt) is a debt that the following steps pay off at `explore_budget` of their time, and no
+  probe runs while any debt is left. So probes cost at most about that share of the run,
+  however expensive one turns out to be (example: with 0.02, a probe 150 ms slower than the
+  best step defers the next one by 7.5 s of steps).
 - While drafting is the best, every `probe_every`-th step of a bucket is plain (no back-off):
   the machine's speed drifts (steps of one run were seen anywhere from 100 to 200 ms on a shared
   CPU), and t(B, 0), the reference drafting must beat, is only comparable when recent.
 - Drafting must win by a margin: k > 0 is chosen only when its predicted tokens/s beats plain
-  decoding's by `min_gain`. Near break-even the estimates are within noise, and drafting has
-  costs the per-step times miss (the drafter's catch-up after plain steps, sequences of one
-  wave finishing apart), so a tie goes to plain decoding.
+  decoding's by `min_gain` (10%). Near break-even the estimates are within noise (step times
+  of one run drift by +-10% on a shared CPU), and drafting has costs the per-step times miss
+  (the drafter's catch-up after plain steps, sequences of one wave finishing apart), so a
+  near-tie goes to plain decoding. With a 3% margin a CPU bench drafted at concurrency 4 where
+  it lost 11%; where speculation really pays (batch 1 on CPU, small batches on GPU) the
+  predicted gain is well above 10%.
 
 Switching k costs nothing: the scheduler reserves k+1 slots, the proposer drafts k tokens and
 the drafter's features keep flowing while k = 0 (it catches up at the next draft).
@@ -75,13 +79,16 @@ class ControllerConfig:
     time_window: int = 5  # step times per (bucket, k) whose median is the estimate
     accept_decay: float = 0.995  # per-record decay of acceptance counts
     probe_every: int = 32  # steps per bucket between probes of a non-best candidate...
-    max_probe_every: int = 512  # ...doubling up to this while the best choice stays the same
+    # ...doubling up to this while the best choice stays the same (the exploration budget is
+    # what bounds expensive probes; a long back-off left a drafter stuck at plain decoding
+    # after a streak of rejections, since acceptance is only learnt while drafting)
+    max_probe_every: int = 64
     prior_accept: float = 0.6  # alpha_j before any data (with prior_weight pseudo-counts)
     prior_weight: float = 4.0
     borrow: bool = True  # buckets without a model of their own borrow step times from others
     extrapolated_probe: int = 4  # first probe of a bucket whose borrowed times are extrapolated
     explore_budget: float = 0.02  # probes' extra time as a share of all step time (1.0: no limit)
-    min_gain: float = 0.03  # k > 0 must beat plain decoding's predicted tokens/s by this share
+    min_gain: float = 0.10  # k > 0 must beat plain decoding's predicted tokens/s by this share
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -278,8 +285,7 @@ class SpecController:
             # drafting is judged against plain decoding, so t(B, 0) stays fresh: a plain step
             # every probe_every steps, never backing off (it costs no time, being the cheaper)
             self.next_plain[b] = n + self.config.probe_every
-            if 0 in known:
-                return 0
+            return 0
         if n >= self.next_probe.get(b, self.first_probe(b)) and self.debt <= 0:
             # probes back off (x2 up to max_probe_every) while the best choice holds
             self.next_probe[b] = n + self.interval[b]
