@@ -159,6 +159,26 @@ def test_scratch_tree_batch_matches_reference():
         assert torch.equal(got.slot_mapping, torch.cat(writes))
 
 
+def random_step(attn, heads: int, kv_heads: int, dim: int, block_size: int, num_blocks: int = 200):
+    """Random q [T, Hq, D], new k/v [T, Hkv, D] and K/V caches for a step's AttentionBatch."""
+    num_tokens = attn.slot_mapping.shape[0]
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    q = torch.randn(num_tokens, heads, dim)
+    k, v = torch.randn(num_tokens, kv_heads, dim), torch.randn(num_tokens, kv_heads, dim)
+    return q, k, v, k_cache, v_cache
+
+
+def checked_attention(q, k, v, k_cache, v_cache, attn) -> torch.Tensor:
+    """paged_attention, checked against the float64 reference over the step's fields."""
+    dim = q.shape[-1]
+    out = paged_attention(q, k, v, k_cache, v_cache, attn, dim ** -0.5)
+    assert out.shape == q.shape[:2] + (v_cache.shape[-1],)
+    want = reference_attention(q, k_cache, v_cache, attn, dim ** -0.5)  # cache now holds k/v
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    return out
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize("max_len", [6, 30])  # short steps fold heads into rows, long ones don't
 @pytest.mark.parametrize("seed", range(3))
@@ -170,15 +190,8 @@ def test_paged_attention_matches_reference(heads, kv_heads, max_len, seed):
     if seed == 0:  # a uniform decode batch (dense queries, full mask)
         spans = [SeqSpan([1], 9, s.block_table + [199, 198]) for s in spans]
     attn = build_forward_inputs(spans, block_size).attn
-    num_tokens = attn.slot_mapping.shape[0]
-    k_cache = torch.randn(200, block_size, kv_heads, dim)
-    v_cache = torch.randn(200, block_size, kv_heads, dim)
-    q = torch.randn(num_tokens, heads, dim)
-    k, v = torch.randn(num_tokens, kv_heads, dim), torch.randn(num_tokens, kv_heads, dim)
-    out = paged_attention(q, k, v, k_cache, v_cache, attn, dim ** -0.5)
-    assert out.shape == (num_tokens, heads, dim)
-    want = reference_attention(q, k_cache, v_cache, attn, dim ** -0.5)  # cache now holds k/v
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    q, k, v, k_cache, v_cache = random_step(attn, heads, kv_heads, dim, block_size)
+    out = checked_attention(q, k, v, k_cache, v_cache, attn)
     again = paged_attention(q, k, v, k_cache, v_cache, attn, dim ** -0.5)  # reuses derived tensors
     assert torch.equal(again, out)
 
@@ -217,11 +230,4 @@ def test_mixed_steps_attend_in_parts(heads, kv_heads):
     attn = build_forward_inputs(spans, block_size).attn
     assert attn.parts is not None and [p.num_seqs for p in attn.parts] == [5, 1, 1]
     assert attn.parts[0].q_index.shape == (5, 1)  # not padded to the chunk's 33 queries
-    num_tokens = attn.slot_mapping.shape[0]
-    k_cache = torch.randn(100, block_size, kv_heads, dim)
-    v_cache = torch.randn(100, block_size, kv_heads, dim)
-    q = torch.randn(num_tokens, heads, dim)
-    k, v = torch.randn(num_tokens, kv_heads, dim), torch.randn(num_tokens, kv_heads, dim)
-    out = paged_attention(q, k, v, k_cache, v_cache, attn, dim ** -0.5)
-    want = reference_attention(q, k_cache, v_cache, attn, dim ** -0.5)  # the whole step's fields
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    checked_attention(*random_step(attn, heads, kv_heads, dim, block_size), attn)  # vs the whole step's fields
