@@ -463,3 +463,34 @@ def test_fine_tuning_refuses_a_drafter_of_other_aux_layers(tmp_path, tiny_llama_
                       aux_layers=(1, 1, 1))
     with pytest.raises(InvalidRequestError, match="aux layers"):
         train_drafter(cfg)
+
+
+def test_capture_resumes_without_losing_or_duplicating_records(tmp_path, tiny_llama_path):
+    """A crash can leave a shard never recorded, or a recorded shard whose lines never landed:
+    a resumed run drops both and regenerates those requests, so every line has exactly one
+    feature record."""
+    from eyas.prompts import read_prompt_file
+    from eyas.train import data
+
+    specs = read_prompt_file(write_prompts(tmp_path / "prompts.jsonl"))
+    opts = data.RegenOptions(max_new_tokens=8, device="cpu", max_model_len=256, kv_cache_memory="32MiB",
+                             max_num_seqs=4)
+    work = tmp_path / "work"
+    work.mkdir()
+    responses, features = work / "responses.jsonl", work / "features"
+    capture = data.CaptureOptions(aux_layer_ids=(0, 1, 1), feature_dir=str(features), topk=4,
+                                  shard_bytes=20_000)
+    data.regenerate(str(tiny_llama_path), specs, set(), responses, opts, progress=False, capture=capture)
+    lines = responses.read_text().splitlines(keepends=True)
+    keys = json.loads((features / "shards.json").read_text())
+    last = max(keys)  # the newest shard: pretend its lines never landed
+    responses.write_text("".join(lines[:len(lines) - len(keys[last])]))
+    torch.save([], features / "train-c00077.pt")  # and a shard written but never recorded
+    data.regenerate(str(tiny_llama_path), specs, set(), responses, opts, progress=False, capture=capture)
+    done = [(r["id"], r["sample"]) for r in data.read_jsonl(responses)]
+    assert sorted(done) == sorted((s.id, 0) for s in specs)  # every prompt once
+    assert not (features / "train-c00077.pt").exists()
+    captured = [(r["id"], r["sample"]) for p in data.list_shards(features, "train") for r in data.load_shard(p)]
+    assert sorted(captured) == sorted(done)  # one record per line, none twice
+    assert sorted(json.loads((features / "index.json").read_text())) == \
+        sorted(p.name for p in data.list_shards(features, "train"))

@@ -108,18 +108,44 @@ class FeatureCollector:
 
 class ShardWriter:
     """Finished (response line, feature record) pairs -> feature shards of about
-    `tokens_per_shard` tokens per split, then their lines in responses.jsonl."""
+    `tokens_per_shard` tokens per split, then their lines in responses.jsonl.
+
+    A flush writes the shard, then records it (index.json: sequence lengths, read by training;
+    shards.json: its (id, sample) keys), then appends its lines. A run that resumes drops what a
+    crash left half-done: shard files never recorded, and recorded shards whose lines did not all
+    land (their requests are regenerated), so no record is duplicated."""
 
     def __init__(self, responses: Path, feature_dir: Path, tokens_per_shard: int):
+        from eyas.train.data import read_jsonl
+
         self.responses = responses
         self.dir = feature_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tokens_per_shard = tokens_per_shard
         self.pending: dict[str, list[tuple[dict, dict]]] = {"train": [], "val": []}
-        self.index_path = self.dir / "index.json"
-        self.index: dict[str, list[int]] = (json.loads(self.index_path.read_text())
-                                            if self.index_path.is_file() else {})
-        self.next_shard = len(self.index)
+        self.index = self._read("index.json")  # shard -> sequence lengths
+        self.keys = self._read("shards.json")  # shard -> [[id, sample], ...]
+        done = {(r["id"], r["sample"]) for r in read_jsonl(responses)}
+        for shard in [s for s, keys in self.keys.items() if not all(tuple(k) in done for k in keys)]:
+            (self.dir / shard).unlink(missing_ok=True)
+            del self.keys[shard]
+            self.index.pop(shard, None)
+        for path in self.dir.glob("*-c*.pt"):
+            if path.name not in self.keys:
+                path.unlink()
+        self._record()
+        taken = [int(name.split("-c")[1][:5]) for name in self.keys]
+        self.next_shard = max(taken, default=-1) + 1
+
+    def _read(self, name: str) -> dict:
+        path = self.dir / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _record(self) -> None:
+        for name, obj in (("shards.json", self.keys), ("index.json", self.index)):
+            tmp = self.dir / (name + ".tmp")
+            tmp.write_text(json.dumps(obj) + "\n")
+            os.replace(tmp, self.dir / name)
 
     def add(self, line: dict, record: dict) -> None:
         split = line["split"]
@@ -138,9 +164,8 @@ class ShardWriter:
             torch.save([r for _, r in batch], tmp)
             os.replace(tmp, self.dir / shard)
             self.index[shard] = [len(r["input_ids"]) for _, r in batch]
-            tmp = self.index_path.with_name("index.json.tmp")
-            tmp.write_text(json.dumps(self.index) + "\n")
-            os.replace(tmp, self.index_path)
-            with self.responses.open("a") as f:
+            self.keys[shard] = [[line["id"], line["sample"]] for line, _ in batch]
+            self._record()
+            with self.responses.open("a") as f:  # only now are these requests done
                 for line, _ in batch:
                     f.write(json.dumps(line) + "\n")
