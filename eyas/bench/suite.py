@@ -48,17 +48,26 @@ def _plan(bench: BenchConfig, prompt_ids: list[list[int]]
     return levels, warmup, prewarm
 
 
-def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress, prewarm=None) -> None:
-    from eyas.bench.runner import run_closed_loop, run_level, warm_up
+def _start_engine(mode, config, bench, warmup, prewarm=None):
+    """(engine, its config) for a mode: built, checked against the lengths, warmed up, and given
+    the untimed pre-warm pass when `prewarm` holds its prompts."""
+    from eyas.bench.runner import run_closed_loop, warm_up
     from eyas.engine import create_engine
 
     cfg = engine_config_for(mode, config, max(bench.concurrency))
     engine = create_engine(cfg)
+    check_fits(engine.max_model_len, bench.input_len, bench.output_len)
+    warm_up(engine, warmup, bench.output_len)
+    for c, prompts in (prewarm or {}).items():  # the same shapes as the timed levels, untimed
+        run_closed_loop(engine, prompts, c, min(bench.output_len, 16), tag=f"prewarm{c}-", progress=False)
+    return engine, cfg
+
+
+def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress, prewarm=None) -> None:
+    from eyas.bench.runner import run_level
+
+    engine, cfg = _start_engine(mode, config, bench, warmup, prewarm)
     try:
-        check_fits(engine.max_model_len, bench.input_len, bench.output_len)
-        warm_up(engine, warmup, bench.output_len)
-        for c, prompts in (prewarm or {}).items():  # the same shapes as the timed levels, untimed
-            run_closed_loop(engine, prompts, c, min(bench.output_len, 16), tag=f"prewarm{c}-", progress=False)
         for c, prompts in levels.items():
             level = run_level(engine, mode, prompts, c, bench.output_len, bench.temperature,
                               progress=progress, extra=spec_summary(cfg))
@@ -72,21 +81,12 @@ def _run_interleaved(config, bench, levels, warmup, records, out, progress, prew
     """Every mode's engine alive at once; each level runs bench.rounds rounds, the modes in order
     in even rounds and reversed in odd ones, each round on its own slice of the level's prompts."""
     from eyas.bench.metrics import merge_rounds
-    from eyas.bench.runner import run_closed_loop, run_level, warm_up
-    from eyas.engine import create_engine
+    from eyas.bench.runner import run_level
 
     engines = {}
     try:
-        for i, mode in enumerate(bench.modes):
-            cfg = engine_config_for(mode, config, max(bench.concurrency))
-            engine = create_engine(cfg)
-            engines[mode] = (engine, cfg)
-            check_fits(engine.max_model_len, bench.input_len, bench.output_len)
-            warm_up(engine, warmup, bench.output_len)
-            if i == 0:  # process-wide per-shape costs: one untimed pass is enough
-                for c, prompts in prewarm.items():
-                    run_closed_loop(engine, prompts, c, min(bench.output_len, 16), tag=f"prewarm{c}-",
-                                    progress=False)
+        for i, mode in enumerate(bench.modes):  # per-shape costs are process-wide: one pre-warm
+            engines[mode] = _start_engine(mode, config, bench, warmup, prewarm if i == 0 else None)
         for c, prompts in levels.items():
             n = bench.prompts_at(c)
             done: dict[str, list] = {mode: [] for mode in bench.modes}

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-FP16_MAX = 65504.0
+from eyas.train.data import fp16_features, read_jsonl
 
 
 @dataclass
@@ -73,10 +73,10 @@ class FeatureCollector:
                 continue
             if buf.aux is None:
                 self._allocate(buf, aux.shape[-1])
-            rows = aux[starts[i]:starts[i] + it.num_new_tokens].float()
-            self.clamped_values += int((rows.abs() > FP16_MAX).sum())
+            rows, clamped = fp16_features(aux[starts[i]:starts[i] + it.num_new_tokens])
+            self.clamped_values += clamped
             first = it.seq.num_computed_tokens
-            buf.aux[first:first + it.num_new_tokens] = rows.clamp(-FP16_MAX, FP16_MAX).half().cpu()
+            buf.aux[first:first + it.num_new_tokens] = rows
         if not sampled:
             return
         k = min(self.topk, logits.shape[-1])
@@ -116,8 +116,6 @@ class ShardWriter:
     land (their requests are regenerated), so no record is duplicated."""
 
     def __init__(self, responses: Path, feature_dir: Path, tokens_per_shard: int):
-        from eyas.train.data import read_jsonl
-
         self.responses = responses
         self.dir = feature_dir
         self.dir.mkdir(parents=True, exist_ok=True)

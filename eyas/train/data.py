@@ -43,6 +43,13 @@ log = logging.getLogger("eyas.train")
 FP16_MAX = 65504.0
 
 
+def fp16_features(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Aux rows as stored (fp16 on the CPU, clamped to its range) and how many values were
+    clamped."""
+    x = x.float()
+    return x.clamp(-FP16_MAX, FP16_MAX).half().cpu(), int((x.abs() > FP16_MAX).sum())
+
+
 # ---- prompts ----------------------------------------------------------------------------------
 def load_prompts(path: str | Path, max_prompts: Optional[int] = None) -> list[PromptSpec]:
     """Read and validate a JSONL prompt file (InvalidRequestError on a missing, empty or
@@ -329,8 +336,8 @@ def capture_features(target: str, responses_path: Path, out_dir: Path, opts: Fea
                     r = records[i]
                     a, b = inputs.query_start[j], inputs.query_start[j + 1]
                     p = len(r["prompt_ids"])
-                    feats = aux_cat[a:b].float()
-                    stats["clamped_values"] += int((feats.abs() > FP16_MAX).sum())
+                    feats, clamped = fp16_features(aux_cat[a:b])
+                    stats["clamped_values"] += clamped
                     rows = final[a + p - 1:b - 1]  # positions p-1 .. n-2
                     top_ids, top_lp = _topk_logprobs(model, rows, opts.topk)
                     shard.append({
@@ -338,7 +345,7 @@ def capture_features(target: str, responses_path: Path, out_dir: Path, opts: Fea
                         "input_ids": torch.tensor(r["prompt_ids"] + r["response_ids"],
                                                   dtype=torch.int32),
                         "prompt_len": p,
-                        "aux": feats.clamp(-FP16_MAX, FP16_MAX).half().cpu(),
+                        "aux": feats,
                         "topk_ids": top_ids.int().cpu(),
                         "topk_logprobs": top_lp.half().cpu(),
                     })
