@@ -69,7 +69,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     eager: Optional[bool] = None  # None: compile on GPU, eager on CPU
     compile_warmup: bool = True  # compile every batch bucket x step width at start-up
-    compile_backend: Optional[str] = None  # torch.compile backend on CPU (None: inductor)
+    # torch.compile backend of the bucketed steps; "none": no torch.compile. None: inductor on CPU;
+    # on GPU "none", the eager step captured as CUDA graphs ("inductor" compiles, then captures).
+    # EYAS_COMPILE_BACKEND overrides it.
+    compile_backend: Optional[str] = None
     num_threads: Optional[int] = None  # CPU intra-op threads (None: torch default)
     packed_weights: Optional[bool] = None  # oneDNN-packed weight copies for CPU matmuls (None: on for CPU fp32)
     seed: int = 0

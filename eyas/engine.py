@@ -49,6 +49,11 @@ def use_graphs(config: EngineConfig, device: torch.device) -> bool:
     return not config.eager if config.eager is not None else device.type == "cuda"
 
 
+def compile_backend(config: EngineConfig) -> Optional[str]:
+    """The torch.compile backend of the bucketed steps: EYAS_COMPILE_BACKEND, else the config's."""
+    return os.environ.get("EYAS_COMPILE_BACKEND") or config.compile_backend
+
+
 def step_widths(spec) -> list[int]:
     """Tokens per sequence of the uniform steps this configuration runs (decode, verify)."""
     if not spec.enabled:
@@ -108,14 +113,14 @@ def build_target_runner(model, config: EngineConfig, num_blocks: int, lookahead:
         pack_linear_weights(model)
     if compiled:
         runner.enable_graphs(num_blocks * config.block_size, config.max_num_seqs, max_q=max_q,
-                             backend=config.compile_backend)
+                             backend=compile_backend(config))
         if warm_up and config.compile_warmup:
             log.info("compiled %d step graphs", runner.warm_up(step_widths(config.spec), progress=True))
     return runner, kv_caches
 
 
 def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, device: torch.device,
-                   dtype: torch.dtype, warm_up: bool = True):
+                   dtype: torch.dtype, warm_up: bool = True, max_len: Optional[int] = None):
     """The EAGLE-3 proposer over its own KV cache (same block ids and size as the target's).
     `target` gives the token embedding (`embed`) and `vocab_size`. When compiling, chain drafts
     run their q = 1 steps through compiled graphs (warmed up when `warm_up` and the config ask);
@@ -136,9 +141,9 @@ def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, devic
                               topk=spec.topk, num_paged_blocks=num_blocks)
     if compiled:
         proposer.enable_graphs((num_blocks + scratch_blocks) * config.block_size, config.max_num_seqs,
-                               backend=config.compile_backend)
+                               backend=compile_backend(config))
         if warm_up and config.compile_warmup:
-            log.info("compiled %d draft step graphs", proposer.warm_up(progress=True))
+            log.info("compiled %d draft step graphs", proposer.warm_up(progress=True, max_len=max_len))
     return proposer
 
 
@@ -199,7 +204,8 @@ class LLMEngine:
 
             spec = config.spec
             self.runner.aux_layer_ids = self.drafter.aux_layers_for(self.model.num_layers)
-            proposer = build_proposer(self.drafter, self.model, config, self.num_blocks, self.device, self.dtype)
+            proposer = build_proposer(self.drafter, self.model, config, self.num_blocks, self.device, self.dtype,
+                                      max_len=self.max_model_len)
             self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux,
                                     controller=make_controller(spec))
         if self.drafter is not None and pack_weights(config, self.device, self.dtype):
@@ -207,7 +213,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         if self.compiled and config.compile_warmup:
-            n = self.runner.warm_up(step_widths(config.spec), progress=True)
+            n = self.runner.warm_up(step_widths(config.spec), progress=True, max_len=self.max_model_len)
             log.info("compiled %d step graphs", n)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -312,8 +318,9 @@ class LLMEngine:
         if sampled:
             seqs = [plan.items[i].seq for i in sampled]
             out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            ids = out.token_ids.tolist()  # one device -> host copy for the whole step
             for j, i in enumerate(sampled):
-                new_tokens[i] = [int(out.token_ids[j])]
+                new_tokens[i] = [ids[j]]
                 logprobs[i] = out.logprobs[j] if out.logprobs else None
         self.num_steps += 1
         outputs = []

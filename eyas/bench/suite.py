@@ -10,7 +10,6 @@ exactly the same timed ids in the same order.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from pathlib import Path
@@ -20,16 +19,9 @@ from eyas.bench.metrics import level_record
 from eyas.bench.modes import engine_config_for, spec_summary
 from eyas.bench.report import build_meta, default_out_dir, fill_speedups, markdown_table, write_meta, write_results
 from eyas.bench.settings import BenchConfig, check_fits
+from eyas.kv.cache import free_memory
 
 log = logging.getLogger("eyas")
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _plan(bench: BenchConfig, prompt_ids: list[list[int]]
@@ -74,7 +66,7 @@ def _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress
             _add(records, level_record(level, bench.input_len, bench.output_len), out)
     finally:
         del engine  # the next mode's engine needs the memory
-        _free_memory()
+        free_memory()
 
 
 def _run_interleaved(config, bench, levels, warmup, records, out, progress, prewarm) -> None:
@@ -102,7 +94,7 @@ def _run_interleaved(config, bench, levels, warmup, records, out, progress, prew
                 _add(records, level_record(merge_rounds(done[mode]), bench.input_len, bench.output_len), out)
     finally:
         engines.clear()  # the hf peer needs the memory
-        _free_memory()
+        free_memory()
 
 
 def _run_hf(config, bench, levels, warmup, records, out, progress) -> None:
@@ -120,7 +112,7 @@ def _run_hf(config, bench, levels, warmup, records, out, progress) -> None:
             _add(records, level_record(level, bench.input_len, bench.output_len), out)
     finally:
         del model
-        _free_memory()
+        free_memory()
 
 
 def _add(records: list[dict], record: dict, out: Path) -> None:

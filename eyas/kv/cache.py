@@ -38,6 +38,17 @@ def parse_memory(value: str | float | int) -> tuple[str, float]:
     return "bytes", number * _UNITS[unit]
 
 
+def free_memory() -> None:
+    """Collect engines dropped just now (engines hold reference cycles, so only the collector
+    frees their caches) and hand cached GPU memory back: the next engine sizes its KV cache
+    from what is free."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def available_memory(device: torch.device) -> int:
     """Free bytes on the device (available RAM on CPU)."""
     if device.type == "cuda":

@@ -115,6 +115,11 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     num_kv_heads = keys.shape[1]
     group = num_heads // num_kv_heads
     if q_max > FOLD_MAX_QUERIES or group == 1:
+        if bias is not None and group > 1 and q.is_cuda:
+            # CUDA's fused kernels take a mask or GQA, not both (the math fallback materialises
+            # fp32 scores): repeat K/V to the query heads instead
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            group = 1
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=bias,
                                              scale=scale, enable_gqa=group > 1)  # [B, Hq, Qmax, Dv]
         return out.transpose(1, 2)

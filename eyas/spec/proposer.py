@@ -111,17 +111,21 @@ class Eagle3Proposer(Proposer):
         return self.graphs
 
     @torch.inference_mode()
-    def warm_up(self, progress: bool = False) -> int:
-        """Compile every batch bucket of the chain step now (shortest key bucket); returns graphs."""
+    def warm_up(self, progress: bool = False, max_len: Optional[int] = None) -> int:
+        """Compile (capture) every batch bucket x key bucket of the chain step now (the key
+        buckets of BucketedGraphs.warm_key_lengths); returns graphs."""
         from tqdm import tqdm
 
         graphs = self.graphs
-        pad = SeqSpan([0], graphs.pad_slot % self.block_size, [graphs.pad_slot // self.block_size])
-        for b in tqdm(graphs.buckets, desc="compile draft", disable=not progress, leave=False):
-            inputs = build_forward_inputs([pad] * b, self.block_size, self.device)  # writes pad_slot only
+        bs, pad_block = self.block_size, graphs.pad_slot // self.block_size
+        shapes = [(b, kv) for kv in graphs.warm_key_lengths(max_len) for b in graphs.buckets]
+        for b, kv in tqdm(shapes, desc="compile draft", disable=not progress, leave=False):
+            # the query writes the pad slot; every key slot lies in the pad block
+            pad = SeqSpan([0], (kv - 1) // bs * bs + graphs.pad_slot % bs, [pad_block] * -(-kv // bs))
+            inputs = build_forward_inputs([pad] * b, self.block_size, self.device)
             embeds = self.target.embed(inputs.input_ids)  # [b, H]
             graphs.run(embeds, torch.zeros_like(embeds), inputs, self.kv_cache)
-        return len(graphs.buckets)
+        return len(shapes)
 
     def _draft_step(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                     attn: AttentionBatch, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,9 @@ class FeatureCollector:
     def __call__(self, items, result, sampled: list[int], logits: Optional[torch.Tensor]) -> None:
         """One engine step: items (the plan's, before num_computed_tokens advances), its
         ForwardResult, the indices of the items that sample and their logits [S, V]."""
-        aux = torch.cat(result.aux, dim=-1)  # [T, 3 Ht]
+        # the whole step's aux rows go to the host once: [T, 3 Ht] fp16 on the CPU
+        aux, clamped = fp16_features(torch.cat(result.aux, dim=-1))
+        self.clamped_values += clamped
         starts = result.inputs.query_start
         for i, it in enumerate(items):
             buf = self.buffers.get(it.seq.request_id)
@@ -73,8 +75,7 @@ class FeatureCollector:
                 continue
             if buf.aux is None:
                 self._allocate(buf, aux.shape[-1])
-            rows, clamped = fp16_features(aux[starts[i]:starts[i] + it.num_new_tokens])
-            self.clamped_values += clamped
+            rows = aux[starts[i]:starts[i] + it.num_new_tokens]
             first = it.seq.num_computed_tokens
             buf.aux[first:first + it.num_new_tokens] = rows
         if not sampled:

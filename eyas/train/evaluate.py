@@ -27,6 +27,7 @@ def evaluate_drafter(target: str, draft: str, prompts: str, max_tokens: int = 12
     """Run the engine with the drafter at each chain length and temperature; returns
     {"results": [{"k", "temperature", "accept_len", "tokens", "target_steps", "tok_s"}], ...}."""
     from eyas.core import SamplingParams
+    from eyas.kv.cache import free_memory
     from eyas.llm import LLM
     from eyas.train.data import load_prompts
 
@@ -60,6 +61,7 @@ def evaluate_drafter(target: str, draft: str, prompts: str, max_tokens: int = 12
                       f"({tokens} tokens / {steps} target steps, {row['tok_s']} tok/s)",
                       file=sys.stderr, flush=True)
         del llm
+        free_memory()  # the next setting's engine sizes its KV cache from free memory
     return {"target": target, "draft": draft, "prompts": len(specs), "max_tokens": max_tokens,
             "results": results, "tree_results": tree_results}
 

@@ -11,8 +11,9 @@ pads that grid to a bucket and runs a `torch.compile`d forward whose shapes repe
 Padding rows read and write only `pad_slot`, a cache slot past the allocator's blocks that no
 sequence owns: padded tokens write their K/V there, padded keys point there and are masked, and
 padded sequences attend to it alone (so their softmax stays finite). Outputs of padded rows are
-dropped. On CUDA the graphs use `mode="reduce-overhead"` (CUDA graphs; the KV caches are marked
-static addresses so in-place cache writes are part of the graph).
+dropped. On CUDA each bucket shape is captured as an explicit CUDA graph (workers/cuda_graphs.py)
+of the eager step, or of the torch.compile'd one with compile_backend="inductor"; the KV caches
+are the same tensors on every call, so in-place cache writes are part of the graph.
 
 `DraftGraphRunner` does the same for the EAGLE-3 drafter's chain steps (q = 1, drafter forward +
 logits): its per-row inputs (embeddings, hidden states, positions) are padded to the batch
@@ -106,15 +107,23 @@ def allow_recompiles(num_graphs: int) -> None:
     cfg.accumulated_recompile_limit += num_graphs
 
 
-def compile_step(forward: Callable, kv_caches: Seq[KVCache], device: torch.device,
-                 backend: Optional[str] = None) -> Callable:
-    """torch.compile for fixed shapes: CUDA graphs on GPU (the KV caches marked static so
-    in-place cache writes are part of the graph), else `backend` (default inductor)."""
+def compile_step(forward: Callable, device: torch.device, backend: Optional[str] = None,
+                 num_staged: int = 3) -> Callable:
+    """The bucketed step: torch.compile'd with `backend`, or eager for backend "none".
+
+    On GPU every bucket shape is captured as an explicit CUDA graph (workers/cuda_graphs.py; the
+    first num_staged arguments are the per-step inputs). There the default (None) is "none": the
+    eager step's kernels replayed from graphs, which start in seconds (as SGLang's default does);
+    "inductor" compiles once with dynamic shapes and captures the compiled step. On CPU the
+    default is inductor with static shapes, one graph per bucket."""
     if device.type == "cuda":
-        for k, v in kv_caches:
-            torch._dynamo.mark_static_address(k)
-            torch._dynamo.mark_static_address(v)
-        return torch.compile(forward, mode="reduce-overhead", dynamic=False)
+        from eyas.workers.cuda_graphs import CapturedSteps
+
+        eager = backend in (None, "none")
+        fn = forward if eager else torch.compile(forward, dynamic=True, backend=backend)
+        return CapturedSteps(fn, num_staged)
+    if backend == "none":
+        return forward
     return torch.compile(forward, dynamic=False, backend=backend or "inductor")
 
 
@@ -125,7 +134,8 @@ class BucketedGraphs:
     kind = "step"  # for the log
 
     def __init__(self, forward: Callable, kv_caches: Seq[KVCache], device: torch.device, pad_slot: int,
-                 max_batch: int, max_q: int = 1, kv_bucket: int = 256, backend: Optional[str] = None):
+                 max_batch: int, max_q: int = 1, kv_bucket: int = 256, backend: Optional[str] = None,
+                 num_staged: int = 3):
         self.device = device
         self.max_q = max_q  # widest step that runs compiled (decode 1, verify K + 1)
         self.pad_slot = pad_slot
@@ -133,7 +143,7 @@ class BucketedGraphs:
         self.kv_bucket = kv_bucket
         cache_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1]  # bounds any sequence's keys
         allow_recompiles(len(self.buckets) * max_q * -(-cache_slots // kv_bucket))
-        self.fn = compile_step(forward, kv_caches, device, backend)
+        self.fn = compile_step(forward, device, backend, num_staged)
         self.seen: set[tuple[int, int, int]] = set()
 
     def bucket(self, batch: int) -> Optional[int]:
@@ -143,6 +153,14 @@ class BucketedGraphs:
         """(batch bucket, q, key bucket) of a uniform-q batch of [B, Kmax] keys."""
         b, k_max = attn.kv_slots.shape
         return self.bucket(b), q, round_up(k_max, self.kv_bucket)
+
+    def warm_key_lengths(self, max_len: Optional[int] = None) -> list[int]:
+        """Key buckets to prepare at start-up: on GPU every one up to max_len (a capture costs a
+        few eager steps, so none is left for the first timed use), on CPU the shortest (each
+        bucket is a compile there)."""
+        if self.device.type != "cuda" or not max_len:
+            return [self.kv_bucket]
+        return list(range(self.kv_bucket, round_up(max_len, self.kv_bucket) + 1, self.kv_bucket))
 
     def note(self, shape: tuple[int, int, int]) -> None:
         if shape not in self.seen:
@@ -178,7 +196,7 @@ class DraftGraphRunner(BucketedGraphs):
     def __init__(self, step: Callable, kv_cache: KVCache, device: torch.device, pad_slot: int,
                  max_batch: int, kv_bucket: int = 256, backend: Optional[str] = None):
         super().__init__(step, [kv_cache], device, pad_slot, max_batch, max_q=1, kv_bucket=kv_bucket,
-                         backend=backend)
+                         backend=backend, num_staged=4)
 
     def can_run(self, num_seqs: int) -> bool:
         return self.bucket(num_seqs) is not None

@@ -45,15 +45,19 @@ class ModelRunner:
                                      self.aux_layer_ids)
         return ForwardResult(hidden, aux, inputs)
 
-    def warm_up(self, q_sizes: Seq[int], progress: bool = False) -> int:
-        """Compile every batch bucket x q in q_sizes now (shortest key bucket); returns graphs."""
+    def warm_up(self, q_sizes: Seq[int], progress: bool = False, max_len: Optional[int] = None) -> int:
+        """Compile (capture) every batch bucket x q in q_sizes x key bucket now (the key buckets
+        of BucketedGraphs.warm_key_lengths); returns graphs. The spans read and write the pad
+        block only."""
         from tqdm import tqdm
 
         graphs = self.graphs
         pad_block = graphs.pad_slot // self.block_size
-        shapes = [(b, q) for b in graphs.buckets for q in q_sizes]
-        for b, q in tqdm(shapes, desc="compile", disable=not progress, leave=False):
-            self.forward([SeqSpan([0] * q, 0, [pad_block])] * b)
+        shapes = [(b, q, kv) for kv in graphs.warm_key_lengths(max_len) for b in graphs.buckets
+                  for q in q_sizes if q <= kv]
+        for b, q, kv in tqdm(shapes, desc="compile", disable=not progress, leave=False):
+            blocks = [pad_block] * -(-kv // self.block_size)  # every key slot in the pad block
+            self.forward([SeqSpan([0] * q, kv - q, blocks)] * b)
         return len(shapes)
 
     @torch.inference_mode()

@@ -75,8 +75,9 @@ def run_target_step(runner: ModelRunner, items: list[StepItem],
         sel = torch.as_tensor([first[i] for i in plain], device=runner.device)
         picked = sample(logits.index_select(0, sel), [items[i].params for i in plain],
                         [items[i].generator for i in plain])
+        ids = picked.token_ids.tolist()  # one device -> host copy
         for j, i in enumerate(plain):
-            out.tokens[i] = [int(picked.token_ids[j])]
+            out.tokens[i] = [ids[j]]
             out.logprobs[i] = [picked.logprobs[j]] if picked.logprobs else None
     for i in first:
         it = items[i]
