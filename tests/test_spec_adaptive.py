@@ -124,6 +124,73 @@ def test_probes_stay_within_the_exploration_budget(budget):
     assert sum(cost(k) - cost(0) for k in loose) > 3 * extra
 
 
+def test_repeat_probes_while_plain_wins_draft_for_few_sequences():
+    # plain steps win at batch 16; the first probe of each k gets a time (all sequences draft),
+    # later probes of a timed k only refresh acceptance, so they ask for probe_seqs drafters
+    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=8, explore_budget=1.0))
+    partial, full = [], []
+    for _ in range(400):
+        k = ctrl.choose(16)
+        if k:
+            (full if ctrl.draft_seqs is None else partial).append((k, ctrl.draft_seqs))
+        if ctrl.draft_seqs is None:  # the decoder times only steps where every sequence drafts k
+            ctrl.record_time(16, k, 0.020 + 0.030 * k)
+        ctrl.record_step(0.020 + 0.030 * k)
+        for _ in range(16 if ctrl.draft_seqs is None else ctrl.draft_seqs):
+            ctrl.record_accept(k, 0)
+    assert ctrl.best[16] == 0
+    assert sorted(k for k, _ in full) == [1, 2, 3]  # one timed probe per k
+    assert len(partial) >= 10 and {n for _, n in partial} == {4}  # the default probe_seqs
+    # with probe_seqs=0 every probe drafts for all
+    ctrl = SpecController(ControllerConfig(max_tokens=3, probe_every=8, max_probe_every=8, explore_budget=1.0,
+                                           probe_seqs=0))
+    simulate(ctrl, lambda k: 0.020 + 0.030 * k, alpha=0.1, batch=16, steps=100)
+    for _ in range(100):
+        ctrl.choose(16)
+        assert ctrl.draft_seqs is None
+
+
+def test_probes_of_a_bucket_with_borrowed_times_draft_for_few_sequences():
+    # buckets 1 and 4 are modelled (drafting costs a lot more than it gains there); bucket 16
+    # has only plain steps of its own, so its first probes are for acceptance: few sequences
+    ctrl = SpecController(ControllerConfig(max_tokens=2, probe_every=8, max_probe_every=8, explore_budget=1.0))
+    for b, t0 in ((1, 0.04), (4, 0.05)):
+        for k in (0, 1, 2):
+            for _ in range(3):
+                ctrl.record_time(b, k, t0 * (1 + 0.8 * k))
+    for _ in range(3):
+        ctrl.record_time(16, 0, 0.08)
+    probes = []
+    for _ in range(40):
+        k = ctrl.choose(16)
+        if k:
+            probes.append(ctrl.draft_seqs)
+        ctrl.record_step(0.08)
+    assert ctrl.best[16] == 0 and len(probes) >= 3
+    assert set(probes) == {4}  # none drafted for all 16 sequences
+
+
+def test_a_switch_to_drafting_is_confirmed_by_quick_plain_steps():
+    # plain steps were timed in a slow spell (60 ms); one draft measured at 55 ms with alpha 0.9
+    # overtakes plain decoding, so the next plain reference steps come every 4 steps, not 32
+    ctrl = SpecController(ControllerConfig(max_tokens=1, probe_every=32, max_probe_every=64, explore_budget=1.0))
+    for _ in range(5):
+        ctrl.record_time(4, 0, 0.060)
+        ctrl.record_time(4, 1, 0.055)
+    for _ in range(50):
+        ctrl.record_accept(1, 1)
+    ctrl.best[4] = 0  # plain decoding was the best until now
+    chosen = [ctrl.choose(4) for _ in range(40)]
+    plain = [i for i, k in enumerate(chosen) if k == 0]
+    assert plain[:4] == [2, 6, 10, 14]  # confirm_steps=4 plain steps, confirm_every=4 apart
+    assert all(k == 1 for k in chosen[15:31])  # then the usual interval (step 32 is a probe)
+    quiet = SpecController(ControllerConfig(max_tokens=1, probe_every=32, max_probe_every=64,
+                                            explore_budget=1.0, confirm_steps=0))
+    quiet.times, quiet.samples, quiet.accepted, quiet.reached = ctrl.times, ctrl.samples, ctrl.accepted, ctrl.reached
+    quiet.best[4] = 0
+    assert [quiet.choose(4) for _ in range(20)].count(0) == 0
+
+
 def choice_near_break_even(gain: float, min_gain=None) -> int:
     """The choice at batch 16 once one draft, accepted at 0.35, is measured to change tokens/s by
     `gain` (0.1: 10% faster than plain decoding); min_gain None: the default margin."""
@@ -315,6 +382,10 @@ def test_bad_controller_config():
         ControllerConfig(max_tokens=3, explore_budget=0.0)
     with pytest.raises(ConfigError):
         ControllerConfig(max_tokens=3, min_gain=1.0)
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=3, probe_seqs=-1)
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=3, confirm_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +472,73 @@ def test_plain_reference_steps_follow_a_drifting_machine():
     phase["slow"] = False
     second = simulate(ctrl, cost, alpha=0.35, batch=16, steps=600, seed=1)
     assert mostly(second[300:], 0, share=0.85)
+
+
+class FewDrafters(SpecController):
+    """Every third step drafts 2 tokens for 2 sequences only (as a repeat probe while plain
+    decoding wins); the other steps are plain."""
+
+    def __init__(self):
+        super().__init__(ControllerConfig(2))
+        self.calls = 0
+
+    def choose(self, batch):
+        self.calls += 1
+        self.draft_seqs = 2 if self.calls % 3 == 0 else None
+        return 2 if self.draft_seqs else 0
+
+
+def test_few_drafter_probes_are_lossless_and_draft_for_the_least_backlog(tiny_engine_factory, plain):
+    engine = tiny_engine_factory()
+    proposer = ReplayProposer(plain, engine.model.vocab_size)
+    engine.spec = SpecDecoder(engine, proposer, 2, controller=FewDrafters())
+    backlog = {}  # request id -> a made-up backlog: the probes must pick the two smallest
+    proposer.backlog = lambda seq: backlog.setdefault(seq.request_id, (7 * int(seq.request_id)) % 5)
+    drafted = []
+    propose = proposer.propose
+
+    def recording(seqs, num_tokens):
+        drafted.append(sorted(backlog[s.request_id] for s in seqs))
+        return propose(seqs, num_tokens)
+
+    proposer.propose = recording
+    assert run_all(engine, PROMPTS, PARAMS) == plain
+    assert drafted and all(len(d) <= 2 for d in drafted)
+    assert any(len(d) == 2 for d in drafted)
+    full = sorted((7 * i) % 5 for i in range(len(PROMPTS)))
+    assert drafted[0] == full[:2]  # the first probe, all five running: the two least backlogged
+    engine.allocator.check_invariants([])
+
+
+class TimeLog(SpecController):
+    """Drafts 2 tokens every step and records the time samples it is given."""
+
+    def __init__(self):
+        super().__init__(ControllerConfig(2))
+        self.samples_seen = []
+
+    def choose(self, batch):
+        return 2
+
+    def record_time(self, batch, k, seconds):
+        self.samples_seen.append(seconds)
+
+
+def test_catch_up_time_is_taken_out_of_the_time_sample(tiny_engine_factory, plain):
+    engine = tiny_engine_factory()
+    proposer = ReplayProposer(plain, engine.model.vocab_size)
+    ctrl = TimeLog()
+    engine.spec = SpecDecoder(engine, proposer, 2, controller=ctrl)
+    assert proposer.time_extend
+    propose = proposer.propose
+
+    def slow_catch_up(seqs, num_tokens):  # a catch-up over 100 rows per sequence taking 0.2 s
+        time.sleep(0.2)
+        proposer.last_extend = (0.2, 100 * len(seqs))
+        return propose(seqs, num_tokens)
+
+    proposer.propose = slow_catch_up
+    assert run_all(engine, PROMPTS[:1], PARAMS) == {"0": plain["0"]}
+    # the step took > 0.2 s, but a steady step extends over E[tokens | 2] <= 3 rows, not 100:
+    # at most 3% of the catch-up stays in the sample
+    assert ctrl.samples_seen and all(s < 0.2 * 0.03 + 0.15 for s in ctrl.samples_seen)

@@ -34,7 +34,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     g.add_argument("--warmup", type=int, default=2, help="untimed requests per engine (default 2)")
     g.add_argument("--no-prewarm", dest="prewarm", action="store_false",
-                   help="skip the untimed pass over every level before the first mode")
+                   help="skip the untimed pass over every level that each engine gets before the timed ones")
     g.add_argument("--rounds", type=int, default=1,
                    help="measure each level this many times per mode, the modes interleaved on "
                         "engines kept alive together (default 1: one mode after the other)")

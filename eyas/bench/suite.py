@@ -4,9 +4,11 @@
 
 Prompt plan: level k (in --concurrency order) uses the next rounds x prompts_at(c) prompts of the
 fixed set (round r the r-th slice), so no prompt repeats inside an engine (prefix-cache hits are only the shared template prefix);
-the warm-up requests use prompts after all of those, and the pre-warm pass (first mode only, every
-level untimed at up to 16 output tokens) the ones after those. Every mode (and the hf peer) gets
-exactly the same timed ids in the same order.
+the warm-up requests use prompts after all of those, and the pre-warm pass (every engine, every
+level untimed at up to 16 output tokens: the shapes of the timed levels, and the adaptive
+controller's first exploration of each batch size, as a long-running server would have done
+before) the ones after those. Every mode (and the hf peer) gets exactly the same timed ids in
+the same order.
 """
 from __future__ import annotations
 
@@ -77,8 +79,8 @@ def _run_interleaved(config, bench, levels, warmup, records, out, progress, prew
 
     engines = {}
     try:
-        for i, mode in enumerate(bench.modes):  # per-shape costs are process-wide: one pre-warm
-            engines[mode] = _start_engine(mode, config, bench, warmup, prewarm if i == 0 else None)
+        for mode in bench.modes:  # each engine's own pre-warm: its adaptive controller learns there
+            engines[mode] = _start_engine(mode, config, bench, warmup, prewarm)
         for c, prompts in levels.items():
             n = bench.prompts_at(c)
             done: dict[str, list] = {mode: [] for mode in bench.modes}
@@ -164,9 +166,9 @@ def run_bench(config, bench: Optional[BenchConfig] = None, *, out_dir: Optional[
     if bench.rounds > 1:
         _run_interleaved(config, bench, levels, warmup, records, out, progress, prewarm)
     else:
-        for i, mode in enumerate(bench.modes):
+        for mode in bench.modes:
             _run_engine_mode(mode, config, bench, levels, warmup, records, out, progress,
-                             prewarm=prewarm if i == 0 else None)
+                             prewarm=prewarm)
     if "hf" in bench.peers:
         _run_hf(config, bench, levels, warmup, records, out, progress)
     write_plot(out / "results.png", records, title=f"{Path(str(config.model)).name}, "

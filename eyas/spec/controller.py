@@ -50,7 +50,18 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   best step defers the next one by 7.5 s of steps).
 - While drafting is the best, every `probe_every`-th step of a bucket is plain (no back-off):
   the machine's speed drifts (steps of one run were seen anywhere from 100 to 200 ms on a shared
-  CPU), and t(B, 0), the reference drafting must beat, is only comparable when recent.
+  CPU), and t(B, 0), the reference drafting must beat, is only comparable when recent. Right
+  after drafting overtakes plain decoding in a bucket, the next `confirm_steps` plain steps come
+  every `confirm_every` steps: a traced c=4 run drafted one token for 80 steps at 66-68 ms a
+  step against plain steps of 52 ms, because t(4, 0) held a 66 ms median from a slow spell.
+- Time samples of drafting steps leave out the drafter's catch-up over positions of earlier plain
+  steps (the decoder subtracts the proposer's measured extend time beyond the rows a step that
+  drafts every time extends over), so a probe after plain steps measures a typical step.
+- Few-sequence probes: while plain decoding is best, a probe of a k that has a time (measured,
+  or borrowed from other buckets) drafts for `probe_seqs` sequences only (those with the least
+  drafter backlog: the decoder picks them). It refreshes acceptance, which a few sequences
+  measure as well as all, without extending the drafter over every sequence's backlog; it is not
+  a time sample, so such a bucket measures drafting only once it predicts drafting to win.
 - Drafting must win by a margin: k > 0 is chosen only when its predicted tokens/s beats plain
   decoding's by `min_gain` (10%). Near break-even the estimates are within noise (step times
   of one run drift by +-10% on a shared CPU), and drafting has costs the per-step times miss
@@ -89,6 +100,13 @@ class ControllerConfig:
     extrapolated_probe: int = 4  # first probe of a bucket whose borrowed times are extrapolated
     explore_budget: float = 0.02  # probes' extra time as a share of all step time (1.0: no limit)
     min_gain: float = 0.10  # k > 0 must beat plain decoding's predicted tokens/s by this share
+    # a repeat probe while plain decoding is best drafts for this many sequences only (0: all)
+    probe_seqs: int = 4
+    # once drafting becomes best where plain decoding was, the next `confirm_steps` plain
+    # reference steps come every `confirm_every` steps (not every probe_every): t(B, 0) may
+    # be a stale sample from a slow spell of the machine, which is what made drafting look best
+    confirm_steps: int = 4
+    confirm_every: int = 4
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -107,6 +125,11 @@ class ControllerConfig:
             raise ConfigError(f"explore_budget must be in (0, 1], got {self.explore_budget}")
         if not 0 <= self.min_gain < 1:
             raise ConfigError(f"min_gain must be in [0, 1), got {self.min_gain}")
+        if not isinstance(self.probe_seqs, int) or self.probe_seqs < 0:
+            raise ConfigError(f"probe_seqs must be an integer >= 0, got {self.probe_seqs!r}")
+        if self.confirm_steps < 0 or self.confirm_every < 2:
+            raise ConfigError(f"need confirm_steps >= 0 and confirm_every >= 2, got {self.confirm_steps}, "
+                              f"{self.confirm_every}")
 
 
 def bucket_of(batch: int) -> int:
@@ -156,9 +179,12 @@ class SpecController:
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
         self.next_probe: dict[int, int] = {}  # bucket -> step count of the next probe
         self.next_plain: dict[int, int] = {}  # bucket -> step count of the next plain reference step
+        self.confirm: dict[int, int] = {}  # bucket -> quick plain reference steps still to run
         self.probes: dict[int, int] = {}
         self.debt = 0.0  # seconds of probe overhead not yet paid off (see explore_budget)
         self.probe_baseline: Optional[float] = None  # predicted seconds of the best, for the probe in flight
+        # sequences that draft in the step just chosen (None: all); see choose()
+        self.draft_seqs: Optional[int] = None
 
     # ------------------------------------------------------------------ model
     def alpha(self, j: int) -> float:
@@ -266,6 +292,7 @@ class SpecController:
 
     def choose(self, batch: int) -> int:
         """Draft tokens per sequence for a step with `batch` decoding sequences (0: don't draft)."""
+        self.draft_seqs = None
         if batch <= 0:
             return 0
         b = bucket_of(batch)
@@ -280,11 +307,16 @@ class SpecController:
         if best != 0 and rates[best] < (1 + self.config.min_gain) * rates[0]:
             best = 0  # within the margin: plain decoding
         if best != self.best.get(b):  # the choice moved: probe at the base rate again
+            if best != 0 and self.best.get(b) == 0 and self.config.confirm_steps:
+                # drafting overtook plain decoding: confirm against fresh plain steps soon
+                self.confirm[b] = self.config.confirm_steps
+                self.next_plain[b] = min(self.next_plain.get(b, n + 2), n + 2)
             self.best[b], self.interval[b] = best, self.config.probe_every
         if best != 0 and n >= self.next_plain.get(b, self.config.probe_every):
             # drafting is judged against plain decoding, so t(B, 0) stays fresh: a plain step
-            # every probe_every steps, never backing off (it costs no time, being the cheaper)
-            self.next_plain[b] = n + self.config.probe_every
+            # every probe_every steps (confirm_every right after a switch), never backing off
+            left = self.confirm[b] = max(0, self.confirm.get(b, 0) - 1)
+            self.next_plain[b] = n + (self.config.confirm_every if left else self.config.probe_every)
             return 0
         if n >= self.next_probe.get(b, self.first_probe(b)) and self.debt <= 0:
             # probes back off (x2 up to max_probe_every) while the best choice holds
@@ -295,6 +327,12 @@ class SpecController:
             # say nothing about later probes: only repeat probes count against the budget
             timed_before = self.samples.get((b, k), 0) > 0
             self.probe_baseline = self.step_time(b, best, batch) if timed_before else None
+            if best == 0 and self.config.probe_seqs and (timed_before or self.sources(b)):
+                # plain decoding is best and this k has a time (its own, or borrowed from other
+                # batch sizes): the probe is for acceptance, which a few sequences measure as
+                # well as all, while drafting for all would first extend the drafter over every
+                # sequence's backlog since its last draft (at B=64 on CPU, ~2 s for one step)
+                self.draft_seqs = self.config.probe_seqs
             return k
         return best
 

@@ -64,6 +64,8 @@ class SpecDecoder:
         # runs the target's half of a step: execute(items) -> StepOutcome (in process by default)
         self.target = target or LocalTarget(engine.runner, engine.kv_caches, fuse_features)
         self.drafting = num_steps > 0  # False once the proposer is lost: plain decoding from then on
+        if controller is not None:
+            proposer.time_extend = True  # catch-up time is taken out of the step's time sample
 
     def step(self) -> list[RequestOutput]:
         eng = self.engine
@@ -78,9 +80,12 @@ class SpecDecoder:
             return []
         items = plan.items
         spec_idx = [i for i, it in enumerate(items) if it.num_draft_tokens > 0]
+        if self.controller is not None and self.controller.draft_seqs is not None:
+            spec_idx = self._few_drafters(items, spec_idx, self.controller.draft_seqs)
         drafts: dict[int, Draft] = {}
         # a draft after plain (k = 0) steps first catches up on their positions: not a typical step
         catch_up = max((self.proposer.backlog(items[i].seq) for i in spec_idx), default=0)
+        self.proposer.last_extend = None
         if spec_idx:
             try:
                 proposed = self.proposer.propose([items[i].seq for i in spec_idx],
@@ -122,18 +127,38 @@ class SpecDecoder:
             eng.allocator.truncate(seq, len(seq))
             eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq) if self.drafting else None)
         if self.controller is not None and self.drafting:
-            self._record(items, drafts, out, k, start, timed=catch_up <= self.num_steps + 1)
+            self._record(items, drafts, out, k, start, catch_up)
         return outputs
 
-    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, timed: bool) -> None:
+    def _few_drafters(self, items, spec_idx: list[int], n: int) -> list[int]:
+        """Keep drafts for the n sequences of spec_idx with the least drafter backlog (the
+        cheapest to catch up); the others verify no drafts (their lookahead is truncated)."""
+        keep = set(sorted(spec_idx, key=lambda i: self.proposer.backlog(items[i].seq))[:n])
+        for i in spec_idx:
+            if i not in keep:
+                items[i].num_draft_tokens = 0
+        return [i for i in spec_idx if i in keep]
+
+    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, catch_up: int) -> None:
         """Feed the controller this step's acceptance, its time (every step, for the exploration
-        budget) and, for typical pure decode steps, its time as a sample of t(batch, k)."""
+        budget) and, for pure decode steps where every sequence drafted k, its time as a sample
+        of t(batch, k): with the drafter's catch-up over positions of earlier plain steps taken
+        out (scaled to the rows a step that drafts every time extends over), so that a probe
+        after plain steps measures a typical drafting step."""
         for i in drafts:
             self.controller.record_accept(len(drafts[i].tokens), out.accepted[i])
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
         seconds = time.perf_counter() - start
         self.controller.record_step(seconds)
-        if timed and all(it.num_new_tokens == 1 for it in items) and all(
-                it.num_draft_tokens == k for it in items):
-            self.controller.record_time(len(items), k, seconds)
+        if not (all(it.num_new_tokens == 1 for it in items) and all(it.num_draft_tokens == k for it in items)):
+            return
+        extend = self.proposer.last_extend
+        if extend is not None and drafts:
+            ext_s, rows = extend
+            typical = len(drafts) * self.controller.expected_tokens(k)  # rows of a steady drafting step
+            if rows > typical:
+                seconds -= ext_s * (1 - typical / rows)
+        elif catch_up > self.num_steps + 1:  # catch-up not measured: not a typical step
+            return
+        self.controller.record_time(len(items), k, seconds)

@@ -23,6 +23,7 @@ batches are per-node tree attention over scratch rows) stay eager.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -55,6 +56,12 @@ class DraftState:
 
 class Proposer:
     """Interface: observe target features after each step; propose drafts before verify."""
+
+    # (seconds, rows) of the drafter's catch-up pass in the last propose when time_extend is
+    # set (the adaptive controller separates catch-up from the step's typical time); None when
+    # not measured (e.g. a drafter worker in another process)
+    last_extend: Optional[tuple[float, int]] = None
+    time_extend = False
 
     def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor],
                 num_rows: Optional[int] = None) -> None:
@@ -185,10 +192,15 @@ class Eagle3Proposer(Proposer):
             length = len(seq)
             spans.append(SeqSpan(seq.token_ids[st.dstart + 1:length], st.dstart, seq.block_table))
             feats.extend(st.pending)
+        start = time.perf_counter()
         inputs = build_forward_inputs(spans, self.block_size, self.device)
         hidden = torch.cat(feats)  # [T, H]
         out = self.drafter(self.target.embed(inputs.input_ids), hidden, inputs.positions, inputs.attn,
                            self.kv_cache)
+        if self.time_extend:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.last_extend = (time.perf_counter() - start, hidden.shape[0])
         for seq in seqs:  # drafter KV now holds every computed position
             st = self.states[seq.request_id]
             st.dstart, st.pending = seq.num_computed_tokens, []
