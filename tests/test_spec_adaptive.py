@@ -542,3 +542,54 @@ def test_catch_up_time_is_taken_out_of_the_time_sample(tiny_engine_factory, plai
     # the step took > 0.2 s, but a steady step extends over E[tokens | 2] <= 3 rows, not 100:
     # at most 3% of the catch-up stays in the sample
     assert ctrl.samples_seen and all(s < 0.2 * 0.03 + 0.15 for s in ctrl.samples_seen)
+
+
+class AlwaysPlain(SpecController):
+    def __init__(self):
+        super().__init__(ControllerConfig(2))
+
+    def choose(self, batch):
+        self.draft_seqs = None
+        return 0
+
+
+def test_plain_steps_with_a_drafter_still_fill_the_prefix_cache(tiny_engine_factory, tiny_drafter_path):
+    # the prefix cache takes a block once the drafter's KV of it exists too: prompts are
+    # extended over as soon as they are prefilled, even when no step ever drafts
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=2, spec_policy="adaptive")
+    engine.spec.controller = AlwaysPlain()
+    nospec = tiny_engine_factory()
+    prompt = PROMPTS[3] * 3  # several full blocks of 4 tokens
+    for eng in (engine, nospec):
+        run_all(eng, [prompt], PARAMS)
+    assert not engine.spec.proposer.states  # finished sequences are dropped
+    assert len(engine.allocator.hash_to_block) > 0  # the prompt's full blocks (not yet the output's)
+    # a second request with the same prompt is served the same cached prefix by both engines
+    hits = {}
+    for name, eng in (("spec", engine), ("nospec", nospec)):
+        before = eng.allocator.prefix_hits
+        assert run_all(eng, [prompt], PARAMS)["0"]
+        hits[name] = eng.allocator.prefix_hits - before
+    assert hits["spec"] == hits["nospec"] > 0
+
+
+class PlainOnPrefill(SpecController):
+    """Plain steps while any prompt is being prefilled, 2 drafts otherwise (with the tiny
+    random drafter, drafts are rejected but the drafting path runs right after a catch-up)."""
+
+    def __init__(self, engine):
+        super().__init__(ControllerConfig(2))
+        self.engine = engine
+
+    def choose(self, batch):
+        self.draft_seqs = None
+        return 0 if self.engine.scheduler.waiting else 2
+
+
+def test_drafting_right_after_a_prompt_catch_up_is_lossless(tiny_engine_factory, tiny_drafter_path, plain):
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=2, spec_policy="adaptive",
+                                 enable_prefix_caching=False)
+    engine.spec.controller = PlainOnPrefill(engine)
+    got = {str(i): run_all(engine, [p], PARAMS)["0"] for i, p in enumerate(PROMPTS)}
+    assert got == plain
+    engine.allocator.check_invariants([])

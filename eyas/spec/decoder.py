@@ -128,7 +128,22 @@ class SpecDecoder:
             eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq) if self.drafting else None)
         if self.controller is not None and self.drafting:
             self._record(items, drafts, out, k, start, catch_up)
+            self._extend_prompts(items, drafts)
         return outputs
+
+    def _extend_prompts(self, items, drafts: dict) -> None:
+        """Extend the drafter now over prompts that finished prefilling in this step. The prefix
+        cache takes a block only once the drafter's KV of it is computed too (the commit limit is
+        the proposer's valid prefix), so where the controller picks plain steps for long, prompt
+        blocks (a shared system prompt) would otherwise never be cached: on CPU at c=16-64 the
+        plain engine's prefix hits were worth more than the drafter pass over prompts costs."""
+        seqs = [it.seq for i, it in enumerate(items)
+                if it.sample and it.num_new_tokens > 1 and i not in drafts and not it.seq.is_finished]
+        if not seqs:
+            return
+        self.proposer.catch_up(seqs)
+        for seq in seqs:
+            self.engine.allocator.commit(seq, limit=self.proposer.valid_prefix(seq))
 
     def _few_drafters(self, items, spec_idx: list[int], n: int) -> list[int]:
         """Keep drafts for the n sequences of spec_idx with the least drafter backlog (the

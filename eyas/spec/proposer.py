@@ -82,6 +82,9 @@ class Proposer:
     def drop(self, seq: Sequence) -> None:
         pass
 
+    def catch_up(self, seqs: list[Sequence]) -> None:
+        """Extend the drafter over the sequences' backlog now, without drafting."""
+
 
 class Eagle3Proposer(Proposer):
     def __init__(self, drafter, target, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int,
@@ -168,6 +171,14 @@ class Eagle3Proposer(Proposer):
     def drop(self, seq: Sequence) -> None:
         self.states.pop(seq.request_id, None)
 
+    @torch.inference_mode()
+    def catch_up(self, seqs: list[Sequence]) -> None:
+        """All but the last pending position: the next draft extends over that one, and the
+        drafter's output there is where its chain starts."""
+        seqs = [s for s in seqs if self.backlog(s) > 1]
+        if seqs:
+            self._extend(seqs, hold=1)
+
     # -------------------------------------------------------------- drafting
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list]:
         """logits [S, Vd] -> (target ids [S], per-row q over target vocab or None)."""
@@ -184,14 +195,20 @@ class Eagle3Proposer(Proposer):
                 qs[i] = q.index_copy_(0, self.draft_to_target, probs[row])
         return self.draft_to_target[draft_ids], qs
 
-    def _extend(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Drafter pass over every sequence's pending positions [dstart, L-1) -> last rows [S, H]."""
+    def _extend(self, seqs: list[Sequence], hold: int = 0) -> torch.Tensor:
+        """Drafter pass over every sequence's pending positions [dstart, L-1-hold) -> last rows
+        [S, H]. `hold` rows stay pending (a catch-up keeps the last one, whose output the next
+        draft starts from)."""
         spans, feats = [], []
         for seq in seqs:
             st = self.states[seq.request_id]
-            length = len(seq)
+            length = len(seq) - hold
             spans.append(SeqSpan(seq.token_ids[st.dstart + 1:length], st.dstart, seq.block_table))
-            feats.extend(st.pending)
+            if hold:
+                st.pending = [torch.cat(st.pending)]  # [n, H], split below
+                feats.append(st.pending[0][:-hold])
+            else:
+                feats.extend(st.pending)
         start = time.perf_counter()
         inputs = build_forward_inputs(spans, self.block_size, self.device)
         hidden = torch.cat(feats)  # [T, H]
@@ -201,9 +218,10 @@ class Eagle3Proposer(Proposer):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.last_extend = (time.perf_counter() - start, hidden.shape[0])
-        for seq in seqs:  # drafter KV now holds every computed position
+        for seq in seqs:  # drafter KV now holds every computed position but the held ones
             st = self.states[seq.request_id]
-            st.dstart, st.pending = seq.num_computed_tokens, []
+            st.dstart = seq.num_computed_tokens - hold
+            st.pending = [st.pending[0][-hold:]] if hold else []
         return out[inputs.last_index]  # [S, H]
 
     @torch.inference_mode()
