@@ -502,7 +502,16 @@ def test_few_drafter_probes_are_lossless_and_draft_for_the_least_backlog(tiny_en
         return propose(seqs, num_tokens)
 
     proposer.propose = recording
+    appended = []  # tokens per append: the probes verify perfect drafts, yet emit one token each
+    append = engine.append_tokens
+
+    def counting(seq, tokens, logprobs=None):
+        appended.append(len(tokens))
+        return append(seq, tokens, logprobs)
+
+    engine.append_tokens = counting
     assert run_all(engine, PROMPTS, PARAMS) == plain
+    assert set(appended) == {1}  # the probed sequences stay in step with the others
     assert drafted and all(len(d) <= 2 for d in drafted)
     assert any(len(d) == 2 for d in drafted)
     full = sorted((7 * i) % 5 for i in range(len(PROMPTS)))

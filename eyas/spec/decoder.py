@@ -103,6 +103,11 @@ class SpecDecoder:
             step_items.append(StepItem(SeqSpan(tokens, c, seq.block_table, tree_mask=tree), it.num_new_tokens,
                                        it.sample, seq.params, seq.generator, draft, seq.request_id))
         out = self.target.execute(step_items)
+        probe_only = set()  # drafts verified for acceptance only
+        # (in process only: a drafter worker already got the target's rows of every accepted token)
+        if self.controller is not None and self.controller.draft_seqs is not None and isinstance(
+                self.target, LocalTarget):
+            probe_only = self._first_tokens_only(out, drafts)
 
         eng.num_steps += 1
         outputs = []
@@ -111,12 +116,13 @@ class SpecDecoder:
             seq.num_computed_tokens = c + out.num_valid[i]
             self.proposer.observe(seq, c, out.features[i] if out.features is not None else None,
                                   out.num_valid[i])
+            counted = i in drafts and i not in probe_only
             if out.tokens[i] is not None:
                 seq.target_steps += 1
-                if i in drafts:
+                if counted:
                     seq.spec_drafted += len(drafts[i].tokens)
                 res = eng.append_tokens(seq, out.tokens[i], out.logprobs[i])
-                if i in drafts:  # count only drafts that made it into the output
+                if counted:  # count only drafts that made it into the output
                     seq.spec_accepted += min(out.accepted[i], len(res.token_ids_delta))
                     if res.spec is not None:
                         res.spec = eng._spec_stats(seq)
@@ -144,6 +150,27 @@ class SpecDecoder:
         self.proposer.catch_up(seqs)
         for seq in seqs:
             self.engine.allocator.commit(seq, limit=self.proposer.valid_prefix(seq))
+
+    @staticmethod
+    def _first_tokens_only(out: StepOutcome, drafts: dict) -> set[int]:
+        """A few-sequence probe measures acceptance only: each probed sequence keeps just the
+        step's first token, which is what a plain step would give (the first token of a verified
+        draft is distributed as the target's next token, greedy or sampled, accepted or not), and
+        its later accepted tokens' KV and features are dropped. So the probed sequences stay in
+        step with the others: a closed loop of equal requests would otherwise fall out of lockstep
+        and prefill its replacements one by one, which costs the CPU more than one batched
+        prefill. Returns the probed item indices."""
+        for i in drafts:
+            if out.tokens[i] is None:
+                continue
+            out.tokens[i] = out.tokens[i][:1]
+            if out.logprobs[i] is not None:
+                out.logprobs[i] = out.logprobs[i][:1]
+            out.num_valid[i] -= out.accepted[i]
+            out.feature_rows[i] = out.feature_rows[i][:out.num_valid[i]]
+            if out.features is not None:
+                out.features[i] = out.features[i][:out.num_valid[i]]
+        return set(drafts)
 
     def _few_drafters(self, items, spec_idx: list[int], n: int) -> list[int]:
         """Keep drafts for the n sequences of spec_idx with the least drafter backlog (the
