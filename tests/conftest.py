@@ -44,15 +44,6 @@ def tiny_engine_factory(tiny_llama_path):
 @pytest.fixture(scope="session")
 def tiny_drafter_path(tmp_path_factory, tiny_llama_path) -> Path:
     """A random-init EAGLE-3 drafter for the tiny Llama, with a 4096-token draft vocabulary."""
-    import torch
-    from transformers import AutoConfig
+    from util_engine import make_random_drafter
 
-    from eyas.models.eagle3 import Eagle3Drafter, build_vocab_maps, random_drafter_config, save_drafter
-
-    cfg = AutoConfig.from_pretrained(tiny_llama_path)
-    drafter = Eagle3Drafter(random_drafter_config(cfg, draft_vocab_size=4096))
-    drafter.init_random_(torch.Generator().manual_seed(0))
-    counts = torch.zeros(cfg.vocab_size)
-    counts[torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(1))[:4096]] = 1.0
-    drafter.set_vocab_maps(*build_vocab_maps(counts, 4096))
-    return save_drafter(drafter, tmp_path_factory.mktemp("tiny-drafter") / "drafter", dtype=torch.float32)
+    return make_random_drafter(tiny_llama_path, tmp_path_factory.mktemp("tiny-drafter") / "drafter")

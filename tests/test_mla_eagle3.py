@@ -12,11 +12,11 @@ from transformers import AutoConfig, DeepseekV3Config
 from eyas import SamplingParams
 from eyas.config import EngineConfig
 from eyas.engine import LLMEngine
-from eyas.models.eagle3 import Eagle3Drafter, build_vocab_maps, random_drafter_config, save_drafter
 from eyas.spec.decoder import SpecDecoder
 from eyas.spec.proposer import ReplayProposer
 from test_engine import PROMPTS as BASE_PROMPTS
 from test_engine import run_all
+from util_engine import make_random_drafter
 from util_models import make_hf_model, save_hf_model
 
 PROMPTS = BASE_PROMPTS + [
@@ -54,14 +54,7 @@ def dsv3_target(tmp_path_factory, smollm2_path):
 def dsv3_drafter(tmp_path_factory, dsv3_target):
     """A random EAGLE-3 drafter (standard attention) for the tiny DeepSeek-V3 target."""
     folder, _ = dsv3_target
-    cfg = AutoConfig.from_pretrained(folder)
-    drafter = Eagle3Drafter(random_drafter_config(cfg, draft_vocab_size=4096))
-    drafter.init_random_(torch.Generator().manual_seed(0))
-    counts = torch.zeros(cfg.vocab_size)
-    counts[torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(1))[:4096]] = 1.0
-    drafter.set_vocab_maps(*build_vocab_maps(counts, 4096))
-    return save_drafter(drafter, tmp_path_factory.mktemp("dsv3-drafter") / "drafter",
-                        dtype=torch.float32)
+    return make_random_drafter(folder, tmp_path_factory.mktemp("dsv3-drafter") / "drafter")
 
 
 def make_engine(folder, **overrides) -> LLMEngine:

@@ -7,6 +7,22 @@ from pathlib import Path
 import torch
 
 
+def make_random_drafter(target: Path, out: Path, draft_vocab: int = 4096) -> Path:
+    """Save (fp32) a random-init EAGLE-3 drafter for the target folder, its draft vocabulary a
+    random draft_vocab-token subset of the target's."""
+    from transformers import AutoConfig
+
+    from eyas.models.eagle3 import Eagle3Drafter, build_vocab_maps, random_drafter_config, save_drafter
+
+    cfg = AutoConfig.from_pretrained(target)
+    drafter = Eagle3Drafter(random_drafter_config(cfg, draft_vocab_size=draft_vocab))
+    drafter.init_random_(torch.Generator().manual_seed(0))
+    counts = torch.zeros(cfg.vocab_size)
+    counts[torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(1))[:draft_vocab]] = 1.0
+    drafter.set_vocab_maps(*build_vocab_maps(counts, draft_vocab))
+    return save_drafter(drafter, out, dtype=torch.float32)
+
+
 def make_tiny_llama_folder(folder: Path, tokenizer_src: Path, seed: int = 0, **overrides) -> Path:
     """Save a 2-layer random LlamaForCausalLM that uses the tokenizer files of tokenizer_src."""
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM

@@ -26,20 +26,6 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog because", "Once upon a t
            "def fibonacci(n):", "In the beginning the universe was created."]
 
 
-def make_drafter(target: Path, out: Path) -> Path:
-    from transformers import AutoConfig
-
-    from eyas.models.eagle3 import Eagle3Drafter, build_vocab_maps, random_drafter_config, save_drafter
-
-    cfg = AutoConfig.from_pretrained(target)
-    drafter = Eagle3Drafter(random_drafter_config(cfg, draft_vocab_size=4096))
-    drafter.init_random_(torch.Generator().manual_seed(0))
-    counts = torch.zeros(cfg.vocab_size)
-    counts[torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(1))[:4096]] = 1.0
-    drafter.set_vocab_maps(*build_vocab_maps(counts, 4096))
-    return save_drafter(drafter, out, dtype=torch.float32)
-
-
 def generate(cfg, params) -> tuple[list[list[int]], dict]:
     """Greedy or sampled tokens of PROMPTS, and what ran compiled."""
     from eyas.engine import LLMEngine
@@ -58,7 +44,7 @@ def generate(cfg, params) -> tuple[list[list[int]], dict]:
 def main() -> int:
     from eyas import SamplingParams
     from eyas.config import EngineConfig
-    from util_engine import make_tiny_llama_folder
+    from util_engine import make_random_drafter, make_tiny_llama_folder
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
@@ -67,7 +53,7 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     target = make_tiny_llama_folder(tmp / "tiny", Path(args.tokenizer))
-    draft = make_drafter(target, tmp / "drafter")
+    draft = make_random_drafter(target, tmp / "drafter")
     base = EngineConfig(model=str(target), device=args.device, dtype="float32", block_size=16,
                         kv_cache_memory="256MiB", max_model_len=512, max_num_seqs=8)
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)

@@ -80,8 +80,9 @@ class SpecDecoder:
             return []
         items = plan.items
         spec_idx = [i for i, it in enumerate(items) if it.num_draft_tokens > 0]
-        if self.controller is not None and self.controller.draft_seqs is not None:
-            spec_idx = self._few_drafters(items, spec_idx, self.controller.draft_seqs)
+        few = self.controller.draft_seqs if self.controller is not None else None  # an acceptance probe
+        if few is not None:
+            spec_idx = self._few_drafters(items, spec_idx, few)
         drafts: dict[int, Draft] = {}
         # a draft after plain (k = 0) steps first catches up on their positions: not a typical step
         catch_up = max((self.proposer.backlog(items[i].seq) for i in spec_idx), default=0)
@@ -105,8 +106,7 @@ class SpecDecoder:
         out = self.target.execute(step_items)
         probe_only = set()  # drafts verified for acceptance only
         # (in process only: a drafter worker already got the target's rows of every accepted token)
-        if self.controller is not None and self.controller.draft_seqs is not None and isinstance(
-                self.target, LocalTarget):
+        if few is not None and isinstance(self.target, LocalTarget):
             probe_only = self._first_tokens_only(out, drafts)
 
         eng.num_steps += 1

@@ -3,8 +3,9 @@
 `CapturedSteps(fn, num_staged)` wraps fn(*staged, *fixed): the first num_staged arguments change
 every step (tensors, or AttentionBatch whose tensor fields do) and are copied into static
 buffers; the rest (KV caches, aux layer ids) are passed through: the caches are the same tensors
-on every call, and plain-value arguments (aux layer ids) are part of the graph's key. The first call of a shape warms fn up on a side stream (torch.compile compiles here,
-cuBLAS picks its workspaces), then captures one replay; later calls copy their inputs in and
+on every call, and plain-value arguments (aux layer ids) are part of the graph's key. The first
+call of a shape warms fn up on a side stream (torch.compile compiles here, cuBLAS picks its
+workspaces), then captures one replay; later calls copy their inputs in and
 replay. All graphs share one memory pool, so callers must consume (copy) the outputs of one
 replay before the next one: `BucketedGraphs.run` clones what it keeps.
 
@@ -31,22 +32,24 @@ def _shape_key(x: Any) -> tuple:
     return tuple(x.shape), x.dtype
 
 
-def _clone(x: Any) -> Any:
-    """A static copy: a tensor clone, or a fresh AttentionBatch of cloned tensors (no parts,
-    and an empty derived cache, so that what layers derive from it is computed inside the graph)."""
+def _rebuilt(x: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """f of a tensor, or a fresh AttentionBatch of f of its tensors (with an empty derived cache,
+    so that what layers derive from it is computed inside the graph)."""
     if isinstance(x, AttentionBatch):
-        if x.parts is not None:
-            raise ValueError("a step that attends in parts cannot be captured")
-        return AttentionBatch(**{n: getattr(x, n).clone() for n in _BATCH_TENSORS},
-                              mask_is_full=x.mask_is_full)
-    return x.clone()
+        return AttentionBatch(**{n: f(getattr(x, n)) for n in _BATCH_TENSORS}, mask_is_full=x.mask_is_full)
+    return f(x)
+
+
+def _clone(x: Any) -> Any:
+    """A static copy of a staged argument (a batch that attends in parts is refused)."""
+    if isinstance(x, AttentionBatch) and x.parts is not None:
+        raise ValueError("a step that attends in parts cannot be captured")
+    return _rebuilt(x, torch.Tensor.clone)
 
 
 def _fresh(x: Any) -> Any:
-    """The same static tensors in a batch with an empty derived cache."""
-    if isinstance(x, AttentionBatch):
-        return AttentionBatch(**{n: getattr(x, n) for n in _BATCH_TENSORS}, mask_is_full=x.mask_is_full)
-    return x
+    """The same static tensors (a batch: with an empty derived cache)."""
+    return _rebuilt(x, lambda t: t)
 
 
 def _copy_into(static: Any, new: Any) -> None:
