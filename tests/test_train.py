@@ -331,6 +331,33 @@ def test_bad_options_are_refused(tmp_path):
         TrainConfig(target="t", prompts="p", out="o", ttt_steps=0)
     with pytest.raises(InvalidRequestError, match="val_fraction"):
         TrainConfig(target="t", prompts="p", out="o", val_fraction=1.0)
+    with pytest.raises(InvalidRequestError, match="train_dtype"):
+        TrainConfig(target="t", prompts="p", out="o", train_dtype="float16")
+
+
+def test_bf16_autocast_choice_and_loss_close_to_fp32():
+    from eyas.train.trainer import use_bf16_autocast
+
+    cpu = torch.device("cpu")
+    assert use_bf16_autocast("bfloat16", cpu) and not use_bf16_autocast("float32", cpu)
+    assert use_bf16_autocast("auto", torch.device("cuda"))
+    drafter = make_drafter(draft_vocab=64)
+    index = target_to_draft_index(drafter)
+    g = torch.Generator().manual_seed(0)
+    n, hidden = 12, 64  # the tiny target of test_eagle3
+    embeds = torch.randn(2, n, hidden, generator=g)
+    aux = torch.randn(2, n, 3 * hidden, generator=g)
+    ids = drafter.map_to_target(torch.randint(0, 64, (2, n, 4), generator=g))
+    lp = torch.randn(2, n, 4, generator=g).log_softmax(-1)
+    resp = torch.ones(2, n, dtype=torch.bool)
+    losses = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outs = ttt_forward(drafter, embeds, aux, 3)
+            res = ttt_loss(drafter, outs, ids, lp, resp, index)
+        assert res.loss.dtype == torch.float32
+        losses.append(res.loss.item())
+    assert abs(losses[0] - losses[1]) < 0.02 * abs(losses[0])
 
 
 def test_cli_parsers():

@@ -73,6 +73,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--dtype", default="auto", help="target dtype: auto | float32 | bfloat16")
     g.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    g.add_argument("--train-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="drafter matmul precision in training (auto: bf16 on CUDA and on CPUs "
+                        "with native bf16)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-threads", type=int, help="CPU threads (default: torch's)")
     g.add_argument("--overwrite", action="store_true", help="discard OUT/work and start over")

@@ -73,6 +73,7 @@ class TrainConfig:
     intermediate_size: Optional[int] = None
     lm_head_init: str = "target"  # target: the target's head rows of the draft vocab; random
     save_dtype: str = "float16"
+    train_dtype: str = "auto"  # drafter matmuls: auto (bf16 where fast) | float32 | bfloat16
     overwrite: bool = False
     progress: bool = True
 
@@ -96,6 +97,8 @@ class TrainConfig:
              f"must be 'target' or 'random', got {self.lm_head_init!r}")
         need(self.save_dtype in ("float16", "bfloat16", "float32"), "save_dtype",
              f"must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+        need(self.train_dtype in ("auto", "bfloat16", "float32"), "train_dtype",
+             f"must be auto, bfloat16 or float32, got {self.train_dtype!r}")
         if self.aux_layers is not None:
             need(len(self.aux_layers) == 3, "aux_layers",
                  f"needs 3 layer ids, got {list(self.aux_layers)}")
@@ -394,6 +397,7 @@ class DrafterTrainer:
 
         self.cfg, self.work, self.on_event = cfg, work, on_event
         self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16_autocast(cfg.train_dtype, self.device)
         vocab = torch.load(work / "vocab.pt", map_location="cpu", weights_only=True)
         self.d2t, self.t2d = vocab["d2t"], vocab["t2d"]
         tensors = read_target_tensors(target_folder)
@@ -442,12 +446,10 @@ class DrafterTrainer:
         # step i of chain s predicts x_{s+2+i}: chains s < p - 1 - steps (p: the shortest
         # prompt) predict no response token at any step, so they are not followed
         start = max(0, batch["min_prompt_len"] - 1 - cfg.ttt_steps)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             outs = ttt_forward(self.drafter, next_embeds, batch["aux"], cfg.ttt_steps, start)
-        outs = [o.float() for o in outs]
-        return ttt_loss(self.drafter, outs, batch["topk_ids"], batch["topk_logprobs"],
-                        batch["resp"], self.t2d_index, cfg.step_weight, with_grad, start)
+            return ttt_loss(self.drafter, outs, batch["topk_ids"], batch["topk_logprobs"],
+                            batch["resp"], self.t2d_index, cfg.step_weight, with_grad, start)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[Meter]:
@@ -580,6 +582,22 @@ def _epoch_line(e: dict) -> str:
         line += (f" | val loss {e['val_loss']:.4f} acc {e['val_acc']} "
                  f"est. accept len (K=5) {e['est_accept_len']:.2f}")
     return line
+
+
+def use_bf16_autocast(train_dtype: str, device: torch.device) -> bool:
+    """Whether the drafter's forward runs under bf16 autocast (weights, optimizer and loss
+    reductions stay fp32). auto: on CUDA, and on CPUs with native bf16 matmuls (AVX512-BF16 or
+    AMX; on the 2-core dev machine a TTT step takes ~1.7x less time than in fp32)."""
+    if train_dtype != "auto":
+        return train_dtype == "bfloat16"
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _memory_budget() -> int:
