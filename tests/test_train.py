@@ -406,6 +406,8 @@ def test_prompt_sets_are_valid_large_and_disjoint():
                     out.add(m["content"].strip().lower())
         return out
     assert not user_texts(train) & user_texts(held)
+    topics = read_prompt_file(root / "topics.jsonl")
+    assert len(topics) >= 1000 and not user_texts(topics) & user_texts(held)
 
     spec = importlib.util.spec_from_file_location("make_prompts", root / "make_prompts.py")
     module = importlib.util.module_from_spec(spec)
@@ -413,6 +415,21 @@ def test_prompt_sets_are_valid_large_and_disjoint():
     rows = module.build(seed=0)
     shipped = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
     assert rows == shipped  # the file is what the script makes
+
+
+def test_topic_prompts_one_subject_each_and_deterministic():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "data" / "prompts"
+    spec = importlib.util.spec_from_file_location("make_topic_prompts", root / "make_topic_prompts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    words = ["gardeners", "lighthouses", "friendship", "volcanoes", "submarines"]
+    rows = module.build(words, 4, seed=3)
+    assert rows == module.build(words, 4, seed=3) and len(rows) == 4
+    texts = [r.get("prompt") or r["messages"][-1]["content"] for r in rows]
+    subjects = [next(w for w in words if w in t) for t in texts]
+    assert len(set(subjects)) == 4  # every prompt has a subject of its own
 
 
 def test_features_captured_while_regenerating_match_a_second_pass(tmp_path, tiny_llama_path):
