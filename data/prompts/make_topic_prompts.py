@@ -3,12 +3,14 @@
     python data/prompts/make_topic_prompts.py --tokenizer DIR [--out FILE] [--num 3000] [--seed 0]
 
 train.jsonl's templates cover many kinds of request but only a few hundred subjects, and a
-drafter trained on them learns those subjects' answers (validation top-1 0.61 on held-out
-template prompts against 0.41 on the hand-written eval set). Here each prompt is about its own
+drafter trained on them reached validation top-1 0.61 on held-out template prompts against
+0.41 on the hand-written eval set. Here each prompt is about its own
 subject: noun-like whole words of the target's tokenizer vocabulary (lower-case alphabetic
 tokens with a leading space, at least 7 letters, with a noun ending or a plural s), each put
 into one of the request forms below, some after a system prompt. Deterministic for a seed and a
-tokenizer; prompts whose text is in eval.jsonl are dropped.
+tokenizer; prompts whose text is in eval.jsonl are dropped. Measured (docs/DRAFTER.md): new to
+the drafter (validation loss 3.69 -> 2.84 after one epoch on their answers), but the eval set's
+accept length did not move, so subjects were not what it missed.
 """
 from __future__ import annotations
 
