@@ -17,9 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # its sibling script, also when loaded by file path (tests)
+    sys.path.insert(0, str(HERE))
+from make_prompts import eval_texts  # noqa: E402
 
 NOUN_ENDINGS = ("tion", "sion", "ment", "ness", "ism", "ity", "ology", "ship", "ance", "ence",
                 "ist", "er", "or", "ure", "age", "ery", "cy")
@@ -76,13 +80,8 @@ def topic_words(tokenizer_dir: str) -> list[str]:
     return sorted(words)
 
 
-def build(words: list[str], num: int, seed: int) -> list[dict]:
-    held_out = set()
-    eval_path = HERE / "eval.jsonl"
-    if eval_path.exists():
-        for line in eval_path.read_text().splitlines():
-            row = json.loads(line)
-            held_out.add((row.get("prompt") or "").strip().lower())
+def build(words: list[str], num: int, seed: int, eval_path: Path = HERE / "eval.jsonl") -> list[dict]:
+    held_out = eval_texts(eval_path)
     rng = random.Random(seed)
     picked = rng.sample(words, min(num, len(words)))
     rows = []
