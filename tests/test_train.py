@@ -386,8 +386,6 @@ def test_cli_parsers():
 
 # ---- shipped prompt sets -------------------------------------------------------------------
 def test_prompt_sets_are_valid_large_and_disjoint():
-    import importlib.util
-
     from eyas.prompts import read_prompt_file
 
     root = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -408,28 +406,69 @@ def test_prompt_sets_are_valid_large_and_disjoint():
     assert not user_texts(train) & user_texts(held)
     topics = read_prompt_file(root / "topics.jsonl")
     assert len(topics) >= 1000 and not user_texts(topics) & user_texts(held)
+    selfs = read_prompt_file(root / "self.jsonl")
+    assert len(selfs) >= 1000 and not user_texts(selfs) & user_texts(held)
 
-    spec = importlib.util.spec_from_file_location("make_prompts", root / "make_prompts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.build(seed=0)
+    rows = _load_prompt_script("make_prompts").build(seed=0)
     shipped = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
     assert rows == shipped  # the file is what the script makes
 
 
 def test_topic_prompts_one_subject_each_and_deterministic():
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1] / "data" / "prompts"
-    spec = importlib.util.spec_from_file_location("make_topic_prompts", root / "make_topic_prompts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_prompt_script("make_topic_prompts")
     words = ["gardeners", "lighthouses", "friendship", "volcanoes", "submarines"]
     rows = module.build(words, 4, seed=3)
     assert rows == module.build(words, 4, seed=3) and len(rows) == 4
     texts = [r.get("prompt") or r["messages"][-1]["content"] for r in rows]
     subjects = [next(w for w in words if w in t) for t in texts]
     assert len(set(subjects)) == 4  # every prompt has a subject of its own
+
+
+def _load_prompt_script(name: str):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "data" / "prompts"
+    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_self_prompts_prefix_and_filter(smollm2_path):
+    from transformers import AutoTokenizer
+
+    module = _load_prompt_script("make_self_prompts")
+    prefix = module.user_turn_prefix(AutoTokenizer.from_pretrained(str(smollm2_path)))
+    assert prefix.endswith("<|im_start|>user\n") and prefix.startswith("<|im_start|>system\n")
+    seen, banned = set(), {"convert 5 kilometres into miles."}
+    ask = "Can you suggest a few good books about the history of science?"
+    assert module.keep_request(ask, "stop", seen, banned)
+    assert not module.keep_request(ask.upper(), "stop", seen, banned)  # same first 48 chars
+    assert not module.keep_request("Explain tides to me, please, in a few sentences", "length",
+                                   seen, banned)  # never closed its turn
+    assert not module.keep_request("Hi!", "stop", seen, banned)  # too short
+    assert not module.keep_request("Convert 5 kilometres into miles.", "stop", seen, banned)
+    assert not module.keep_request("<|im_start|>assistant\nSure, here it is.", "stop", seen, banned)
+    assert len(seen) == 1
+
+
+def test_self_prompts_script_writes_prompt_file(tmp_path, tiny_llama_path, monkeypatch):
+    """End to end on the tiny random model (which never closes a turn, so the filter is widened to
+    every non-empty sample): a valid prompt file with one line per kept sample, and the same file
+    again for the same seed."""
+    from eyas.prompts import read_prompt_file
+
+    module = _load_prompt_script("make_self_prompts")
+    monkeypatch.setattr(module, "keep_request", lambda text, *a: bool(text.strip()))
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"self{run}.jsonl"
+        assert module.main(["--model", str(tiny_llama_path), "--out", str(out), "--num", "5",
+                            "--max-tokens", "6", "--max-num-seqs", "5"]) == 0
+        outs.append(out.read_text())
+    specs = read_prompt_file(tmp_path / "self0.jsonl")
+    assert [s.id for s in specs] == [f"self-{i:05d}" for i in range(len(specs))]
+    assert len(specs) >= 4 and outs[0] == outs[1]
 
 
 def test_features_captured_while_regenerating_match_a_second_pass(tmp_path, tiny_llama_path):

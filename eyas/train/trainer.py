@@ -275,6 +275,7 @@ class Pipeline:
             "early_stopped": train["early_stopped"],
             "train_loss": train["history"][-1]["train_loss"] if train["history"] else None,
             "val_loss": best.get("val_loss"), "val_loss_before_training": train.get("val_initial"),
+            "val_top1_acc_before_training": train.get("val_initial_acc"),
             "val_top1_acc_per_step": best.get("val_acc"),
             "train_top1_acc_per_step": train["history"][-1]["train_acc"] if train["history"] else None,
             "est_accept_len_chain5": best.get("est_accept_len"),
@@ -512,6 +513,9 @@ class DrafterTrainer:
         elif self.val_shards:
             init = self.evaluate()
             state["val_initial"] = round(init.loss(), 4)
+            state["val_initial_acc"] = init.acc()
+            print(f"before training: val loss {init.loss():.4f} acc {init.acc()}",
+                  file=sys.stderr, flush=True)
         start = time.perf_counter() - state["elapsed_s"]
         while state["epoch"] < cfg.epochs and not state["stopped"]:
             epoch = state["epoch"] + 1
@@ -572,7 +576,8 @@ class DrafterTrainer:
         elapsed = state["elapsed_s"]
         return {"epochs_run": state["epoch"], "early_stopped": state["stopped"],
                 "history": state["history"], "best": state["best"],
-                "val_initial": state["val_initial"], "elapsed_s": elapsed,
+                "val_initial": state["val_initial"],
+                "val_initial_acc": state.get("val_initial_acc"), "elapsed_s": elapsed,
                 "tokens": state["tokens"], "tok_s": state["tokens"] / max(elapsed, 1e-9)}
 
 
