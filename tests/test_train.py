@@ -467,7 +467,7 @@ def test_self_prompts_script_writes_prompt_file(tmp_path, tiny_llama_path, monke
                             "--max-tokens", "6", "--max-num-seqs", "5"]) == 0
         outs.append(out.read_text())
     specs = read_prompt_file(tmp_path / "self0.jsonl")
-    assert [s.id for s in specs] == [f"self-{i:05d}" for i in range(len(specs))]
+    assert [s.id for s in specs] == [f"self-0-{i:05d}" for i in range(len(specs))]
     assert len(specs) >= 4 and outs[0] == outs[1]
 
 

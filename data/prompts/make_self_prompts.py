@@ -1,7 +1,7 @@
 """Generate data/prompts/self.jsonl: user requests written by the target model itself.
 
     python data/prompts/make_self_prompts.py --model smollm2-135m-instruct [--out FILE]
-        [--num 4000] [--seed 0] [--temperature 0.9] [--top-p 0.95]
+        [--num 4000] [--seed 0] [--temperature 0.9] [--top-p 0.95] [--exclude FILE ...]
 
 The target is fed only the chat template up to the start of a user turn (its default system
 prompt, then `<|im_start|>user\\n`) and samples what a user would write there, until it closes the
@@ -13,8 +13,9 @@ on the hand-written eval set; self-written requests are each phrased differently
 
 Kept: requests that closed their turn within --max-tokens, 16-600 characters, not starting with
 something that is no request at all (a role tag), not in eval.jsonl, and not a repeat of an earlier
-one's first 48 characters (case-insensitive). Deterministic for a seed and a model on one machine.
-Each kept line is {"id": "self-NNNNN", "prompt": TEXT}; train-drafter applies the chat template.
+one's first 48 characters (case-insensitive), in this run or in the --exclude files (earlier runs
+with other seeds). Deterministic for a seed and a model on one machine. Each kept line is
+{"id": "self-SEED-NNNNN", "prompt": TEXT}; train-drafter applies the chat template.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def user_turn_prefix(tokenizer) -> str:
     return text[:text.index(marker)]
 
 
+def request_key(text: str) -> str:
+    """What two requests must not share: their first 48 characters, case and spacing aside."""
+    return " ".join(text.lower().split())[:48]
+
+
 def keep_request(text: str, finish_reason: str, seen: set[str], banned: set[str]) -> bool:
     """Whether a sampled user turn becomes a prompt; records its key in `seen` when it does."""
     text = text.strip()
@@ -48,7 +54,7 @@ def keep_request(text: str, finish_reason: str, seen: set[str], banned: set[str]
         return False
     if text.startswith(("<|", "system", "assistant", "user")) or text.lower() in banned:
         return False
-    key = " ".join(text.lower().split())[:48]
+    key = request_key(text)
     if key in seen:
         return False
     seen.add(key)
@@ -66,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--exclude", nargs="*", default=[],
+                    help="prompt files whose requests must not be repeated")
     args = ap.parse_args(argv)
 
     from eyas import LLM, SamplingParams
@@ -77,12 +85,13 @@ def main(argv=None) -> int:
                              top_p=args.top_p, seed=args.seed * 1_000_003 + i, stop=(END_OF_TURN,))
               for i in range(args.num)]
     outs = llm.generate([prefix] * args.num, params, use_tqdm=True)
-    seen: set[str] = set()
+    seen = {request_key(line["prompt"]) for path in args.exclude
+            for line in map(json.loads, Path(path).read_text().splitlines()) if "prompt" in line}
     banned = eval_texts(HERE / "eval.jsonl")
     kept = [o.text.strip() for o in outs if keep_request(o.text, o.finish_reason, seen, banned)]
     with open(args.out, "w") as f:
         for i, text in enumerate(kept):
-            f.write(json.dumps({"id": f"self-{i:05d}", "prompt": text}) + "\n")
+            f.write(json.dumps({"id": f"self-{args.seed}-{i:05d}", "prompt": text}) + "\n")
     print(f"kept {len(kept)} of {args.num} sampled requests -> {args.out} "
           f"({llm.last_stats['tok_s']:.0f} tok/s)", file=sys.stderr)
     return 0
