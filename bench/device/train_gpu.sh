@@ -13,7 +13,7 @@ bash bench/device/prepare.sh "${1:-/tmp/eyas-dev}" > "$R/prepare.log" 2>&1 || { 
 export PYTHONPATH=".:/tmp/eyas-site"
 
 W=/tmp/eyas-drafter
-cat data/prompts/train.jsonl data/prompts/topics.jsonl > /tmp/eyas-prompts.jsonl  # 4,317 prompts
+cat data/prompts/train.jsonl data/prompts/topics.jsonl data/prompts/self.jsonl > /tmp/eyas-prompts.jsonl  # 8,217 prompts
 timeout "${T_TRAIN:-240}" python3 -m eyas.cli train-drafter --target smollm2-135m-instruct \
   --prompts /tmp/eyas-prompts.jsonl --out $W --device cuda --samples-per-prompt "${SAMPLES:-2}" \
   --temperature 0 --extra-sample-temperature 0.8 --max-new-tokens 256 --max-num-seqs 512 \
