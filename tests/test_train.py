@@ -464,8 +464,12 @@ def test_self_prompts_script_writes_prompt_file(tmp_path, tiny_llama_path, monke
     for run in range(2):
         out = tmp_path / f"self{run}.jsonl"
         assert module.main(["--model", str(tiny_llama_path), "--out", str(out), "--num", "5",
-                            "--max-tokens", "6", "--max-num-seqs", "5"]) == 0
+                            "--max-tokens", "6", "--max-num-seqs", "5",
+                            "--exclude", str(Path(module.__file__).parent / "self.jsonl")]) == 0
         outs.append(out.read_text())
+    with pytest.raises(InvalidRequestError, match="file not found"):  # before any sampling
+        module.main(["--model", str(tiny_llama_path), "--out", str(tmp_path / "x.jsonl"),
+                     "--exclude", str(tmp_path / "missing.jsonl")])
     specs = read_prompt_file(tmp_path / "self0.jsonl")
     assert [s.id for s in specs] == [f"self-0-{i:05d}" for i in range(len(specs))]
     assert len(specs) >= 4 and outs[0] == outs[1]

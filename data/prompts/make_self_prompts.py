@@ -77,7 +77,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from eyas import LLM, SamplingParams
+    from eyas.prompts import read_prompt_file
 
+    # read before the long sampling run, so a bad --exclude file fails at once
+    seen = {request_key(spec.prompt) for path in args.exclude
+            for spec in read_prompt_file(path) if spec.prompt is not None}
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
               enable_prefix_caching=True)
     prefix = user_turn_prefix(llm.tokenizer)
@@ -85,8 +89,6 @@ def main(argv=None) -> int:
                              top_p=args.top_p, seed=args.seed * 1_000_003 + i, stop=(END_OF_TURN,))
               for i in range(args.num)]
     outs = llm.generate([prefix] * args.num, params, use_tqdm=True)
-    seen = {request_key(line["prompt"]) for path in args.exclude
-            for line in map(json.loads, Path(path).read_text().splitlines()) if "prompt" in line}
     banned = eval_texts(HERE / "eval.jsonl")
     kept = [o.text.strip() for o in outs if keep_request(o.text, o.finish_reason, seen, banned)]
     with open(args.out, "w") as f:

@@ -512,10 +512,9 @@ class DrafterTrainer:
             log.info("resuming training after epoch %d", state["epoch"])
         elif self.val_shards:
             init = self.evaluate()
-            state["val_initial"] = round(init.loss(), 4)
-            state["val_initial_acc"] = init.acc()
-            print(f"before training: val loss {init.loss():.4f} acc {init.acc()}",
-                  file=sys.stderr, flush=True)
+            state["val_initial"], state["val_initial_acc"] = round(init.loss(), 4), init.acc()
+            print(f"before training: val loss {state['val_initial']:.4f} acc "
+                  f"{state['val_initial_acc']}", file=sys.stderr, flush=True)
         start = time.perf_counter() - state["elapsed_s"]
         while state["epoch"] < cfg.epochs and not state["stopped"]:
             epoch = state["epoch"] + 1
