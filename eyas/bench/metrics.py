@@ -53,7 +53,7 @@ def level_record(level: LevelResult, input_len: int, output_len: int) -> dict:
         "input_len": input_len,
         "output_len": output_len,
         "output_tokens": tokens,
-        "wall_s": round(level.wall_s, 4),
+        "wall_s": round(level.wall_s, 6),
         "output_tok_s": round(tokens / level.wall_s, 3) if level.wall_s > 0 else None,
         "speedup_vs_nospec": None,
         "accept_len": round(tokens / steps, 4) if steps else None,
