@@ -408,6 +408,8 @@ def test_prompt_sets_are_valid_large_and_disjoint():
     assert len(topics) >= 1000 and not user_texts(topics) & user_texts(held)
     selfs = read_prompt_file(root / "self.jsonl")
     assert len(selfs) >= 1000 and not user_texts(selfs) & user_texts(held)
+    selfs1 = read_prompt_file(root / "self-1.jsonl")  # the second round excludes the first
+    assert len(selfs1) >= 1000 and not user_texts(selfs1) & (user_texts(held) | user_texts(selfs))
 
     rows = _load_prompt_script("make_prompts").build(seed=0)
     shipped = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
