@@ -13,9 +13,10 @@ bash bench/device/prepare.sh "${1:-/tmp/eyas-dev}" > "$R/prepare.log" 2>&1 || { 
 export PYTHONPATH=".:/tmp/eyas-site"
 
 W=/tmp/eyas-drafter
-cat data/prompts/train.jsonl data/prompts/topics.jsonl data/prompts/self.jsonl > /tmp/eyas-prompts.jsonl  # 8,217 prompts
+cat data/prompts/train.jsonl data/prompts/topics.jsonl data/prompts/self.jsonl data/prompts/self-1.jsonl \
+  > /tmp/eyas-prompts.jsonl  # 15,663 prompts
 timeout "${T_TRAIN:-240}" python3 -m eyas.cli train-drafter --target smollm2-135m-instruct \
-  --prompts /tmp/eyas-prompts.jsonl --out $W --device cuda --samples-per-prompt "${SAMPLES:-2}" \
+  --prompts /tmp/eyas-prompts.jsonl --out $W --device cuda --samples-per-prompt "${SAMPLES:-1}" \
   --temperature 0 --extra-sample-temperature 0.8 --max-new-tokens 256 --max-num-seqs 512 \
   --kv-cache-memory 16GiB --draft-vocab 8192 --ttt-steps 7 --epochs "${EPOCHS:-6}" \
   --batch-tokens 8192 --lr 1e-3 --patience 2 --no-progress --json > "$R/train.log" 2>&1
