@@ -1,6 +1,7 @@
 """`eyas bench`: end to end on the tiny random model (nospec, chain, adaptive and the hf peer),
 the records' contract, the four output files, fixed-length prompts and clear errors for bad flags."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -299,3 +300,24 @@ def test_rounds_interleave_the_modes_on_fresh_prompts(monkeypatch, tmp_path, tin
 def test_rounds_must_be_positive():
     with pytest.raises(InvalidRequestError, match="rounds"):
         BenchConfig(rounds=0)
+
+
+def test_spec_step_breakdown_script_times_both_halves(tmp_path, capsys, tiny_llama_path, tiny_drafter_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "spec_step_breakdown.py"
+    spec = importlib.util.spec_from_file_location("spec_step_breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Name a colour."}\n{"id": "b", "prompt": "Count to three."}\n')
+    assert module.main(["--model", str(tiny_llama_path), "--draft", str(tiny_drafter_path),
+                        "--prompt-file", str(prompts), "--prompts", "2", "--max-tokens", "6"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == list(module.SETTINGS)
+    for label, propose, verify, steps, accept, tok_s in rows:
+        assert float(tok_s) > 0 and 1.0 <= float(accept) <= 6
+        if label.strip() == "plain":
+            assert propose.strip() == "-" and float(accept) == 1.0 and int(steps) == 12  # 2 x 6 tokens
+        else:
+            assert float(propose) > 0 and float(verify) > 0 and int(steps) <= 12
