@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from eyas.prompts import read_prompt_file
 
     specs = read_prompt_file(args.prompt_file)[:args.prompts]
-    requests = [{"prompt": s.prompt} if s.prompt is not None else {"messages": s.messages} for s in specs]
+    requests = [s.request() for s in specs]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     print("| setting | drafter propose ms | target verify ms | steps | accept len | tok/s |")
     print("|---|---|---|---|---|---|")
@@ -77,10 +77,10 @@ def main(argv=None) -> int:
             wall += time.perf_counter() - start
             tokens += len(out.token_ids)
         steps = eng.num_steps - steps0
-        plain_ms = f"{1000 * wall / steps:.1f} (whole step)"
-        print(f"| {label} | {'-' if propose is None else f'{propose.ms_per_call():.1f}'} | "
-              f"{plain_ms if verify is None else f'{verify.ms_per_call():.1f}'} | {steps} | "
-              f"{tokens / steps:.2f} | {tokens / wall:.1f} |", flush=True)
+        propose_ms = "-" if propose is None else f"{propose.ms_per_call():.1f}"
+        verify_ms = f"{1000 * wall / steps:.1f} (whole step)" if verify is None else f"{verify.ms_per_call():.1f}"
+        print(f"| {label} | {propose_ms} | {verify_ms} | {steps} | {tokens / steps:.2f} | {tokens / wall:.1f} |",
+              flush=True)
         del llm
     return 0
 

@@ -101,7 +101,7 @@ def cmd_generate(args) -> int:
     specs = read_prompt_file(args.prompts) if args.prompts else [PromptSpec("0", prompt=args.prompt)]
     cfg = engine_config_from_args(args)
     llm = LLM(config=cfg)
-    requests = [{"prompt": s.prompt} if s.prompt is not None else {"messages": s.messages} for s in specs]
+    requests = [s.request() for s in specs]
     params = [s.params(base) for s in specs]
     t0 = time.perf_counter()
     outputs = llm.generate(requests, params, chat=args.chat, use_tqdm=sys.stderr.isatty())

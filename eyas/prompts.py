@@ -23,6 +23,10 @@ class PromptSpec:
     def params(self, base: SamplingParams) -> SamplingParams:
         return dataclasses.replace(base, **self.overrides) if self.overrides else base
 
+    def request(self) -> dict:
+        """What LLM.generate takes for this line: {"prompt": text} or {"messages": [...]}."""
+        return {"prompt": self.prompt} if self.prompt is not None else {"messages": self.messages}
+
 
 def parse_prompt_line(obj: Any, where: str) -> PromptSpec:
     if not isinstance(obj, dict):

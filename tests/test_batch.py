@@ -53,7 +53,7 @@ def reference(tiny_llama_path):
     llm = LLM(config=cfg)
     base = SamplingParams(max_tokens=8, ignore_eos=True)
     specs = [parse_prompt_line(x, "ref") for x in GOOD]
-    reqs = [{"prompt": s.prompt} if s.prompt else {"messages": s.messages} for s in specs]
+    reqs = [s.request() for s in specs]
     outs = llm.generate(reqs, [s.params(base) for s in specs])
     return {s.id: o.to_dict() | {"id": s.id} for s, o in zip(specs, outs)}
 

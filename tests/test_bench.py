@@ -1,7 +1,6 @@
 """`eyas bench`: end to end on the tiny random model (nospec, chain, adaptive and the hf peer),
 the records' contract, the four output files, fixed-length prompts and clear errors for bad flags."""
 import json
-from pathlib import Path
 
 import pytest
 
@@ -303,12 +302,9 @@ def test_rounds_must_be_positive():
 
 
 def test_spec_step_breakdown_script_times_both_halves(tmp_path, capsys, tiny_llama_path, tiny_drafter_path):
-    import importlib.util
+    from util_scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "spec_step_breakdown.py"
-    spec = importlib.util.spec_from_file_location("spec_step_breakdown", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench/spec_step_breakdown.py")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "Name a colour."}\n{"id": "b", "prompt": "Count to three."}\n')
     assert module.main(["--model", str(tiny_llama_path), "--draft", str(tiny_drafter_path),

@@ -374,8 +374,7 @@ def test_fp8_shipped_drafter_accept_len(tmp_path):
     print(f"accept length K=5 greedy: original {orig_len:.3f}, fp8 {fp8_len:.3f}")
     assert abs(fp8_len - orig_len) <= 0.03 * orig_len
 
-    requests = [{"prompt": s.prompt} if s.prompt is not None else {"messages": s.messages}
-                for s in load_prompts(prompts, 12)]
+    requests = [s.request() for s in load_prompts(prompts, 12)]
     params = SamplingParams(max_tokens=64)
     tokens = [[o.token_ids for o in LLM(model=target, device="cpu", **extra).generate(
         requests, params, chat=True)] for extra in ({}, {"draft": str(fp8), "spec_steps": 5})]

@@ -1,5 +1,4 @@
 """The committed generated code matches proto/eyas/v1/generate.proto; server config parsing."""
-import importlib.util
 import re
 from pathlib import Path
 
@@ -7,16 +6,14 @@ import pytest
 
 from eyas.errors import ConfigError
 from eyas.serve.config import ServerConfig
+from util_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = REPO / "eyas" / "serve" / "v1"
 
 
 def load_gen():
-    spec = importlib.util.spec_from_file_location("proto_gen", REPO / "proto" / "gen.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("proto/gen.py", "proto_gen")
 
 
 def test_generated_code_matches_proto(tmp_path):

@@ -427,13 +427,9 @@ def test_topic_prompts_one_subject_each_and_deterministic():
 
 
 def _load_prompt_script(name: str):
-    import importlib.util
+    from util_scripts import load_script
 
-    root = Path(__file__).resolve().parents[1] / "data" / "prompts"
-    spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"data/prompts/{name}.py")
 
 
 def test_self_prompts_prefix_and_filter(smollm2_path):

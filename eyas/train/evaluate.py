@@ -34,8 +34,7 @@ def evaluate_drafter(target: str, draft: str, prompts: str, max_tokens: int = 12
     specs = load_prompts(prompts, max_prompts)
     if max_tokens < 1:
         raise InvalidRequestError("max_tokens", f"must be >= 1, got {max_tokens}")
-    requests = [{"prompt": s.prompt} if s.prompt is not None else {"messages": s.messages}
-                for s in specs]
+    requests = [s.request() for s in specs]
     results, tree_results = [], []
     settings = [(k, 1, k, results) for k in chains] + [(*t, tree_results) for t in trees]
     for k, topk, draft_tokens, rows in settings:
