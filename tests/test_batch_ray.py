@@ -242,7 +242,10 @@ def test_job_submit_stop_and_resubmit(ray_cluster, tiny_llama_path, long, tmp_pa
     assert 1 <= len(first) < long["lines"], "the job finished before it could be stopped mid-way"
 
     # The same command, with more lines in flight to finish sooner (greedy output does not depend on it).
-    submit(ray_cluster, "eyas-b", entry + ["--max-num-seqs", "8", "--max-inflight", "16"])
+    # Paced too: the periodic "lines/s" log needs lines to finish more than --log-interval apart
+    # (unpaced, 47 lines took 4.3 s in finishing bursts on a fast machine and none was logged).
+    submit(ray_cluster, "eyas-b", entry + ["--max-num-seqs", "8", "--max-inflight", "16"],
+           env={"EYAS_BATCH_STEP_PAUSE_S": "0.05"})
     state = wait_job(ray_cluster, "eyas-b")
     logs = job_logs(ray_cluster, "eyas-b")
     assert state == "SUCCEEDED", logs
