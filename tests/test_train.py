@@ -333,6 +333,10 @@ def test_bad_options_are_refused(tmp_path):
         TrainConfig(target="t", prompts="p", out="o", val_fraction=1.0)
     with pytest.raises(InvalidRequestError, match="train_dtype"):
         TrainConfig(target="t", prompts="p", out="o", train_dtype="float16")
+    with pytest.raises(InvalidRequestError, match="init-drafter"):
+        TrainConfig(target="t", prompts="p", out="o", init_vocab="reselect")
+    with pytest.raises(InvalidRequestError, match="init_vocab"):
+        TrainConfig(target="t", prompts="p", out="o", init_drafter="d", init_vocab="all")
 
 
 def test_bf16_autocast_choice_and_loss_close_to_fp32():
@@ -538,6 +542,39 @@ def test_fine_tuning_starts_from_the_given_drafter(tmp_path, tiny_llama_path, ti
     assert moved["val_loss"] < moved["val_loss_before_training"]
     tuned = load_drafter(tmp_path / "moved", target)
     assert not torch.allclose(tuned.fc.weight, base.fc.weight, atol=1e-3)
+
+
+def test_fine_tuning_can_widen_and_reselect_the_vocabulary(tmp_path, tiny_llama_path,
+                                                           tiny_drafter_path):
+    """--init-vocab reselect + a wider --intermediate-size: the saved drafter has this run's
+    vocabulary and the wider MLP, and (at a vanishing learning rate) the old drafter's weights
+    wherever they carry over."""
+    from transformers import AutoConfig
+
+    from eyas.models.eagle3 import load_drafter
+    from eyas.train.trainer import train_drafter
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:6])
+    target = AutoConfig.from_pretrained(tiny_llama_path)
+    base = load_drafter(tiny_drafter_path, target)
+    old = base.arch.intermediate_size
+    out = tmp_path / "wide"
+    summary = train_drafter(tiny_config(tiny_llama_path, prompts, out, epochs=1, lr=1e-12,
+                                        init_drafter=str(tiny_drafter_path), init_vocab="reselect",
+                                        draft_vocab=300, intermediate_size=old + 32))
+    wide = load_drafter(out, target)
+    assert wide.draft_vocab_size == summary["draft_vocab"] == 300
+    assert wide.arch.intermediate_size == old + 32
+    carried = summary["carried_over"]
+    assert carried["new_mlp_units"] == 32
+    shared = base.t2d & wide.t2d
+    assert carried["vocab_rows_kept"] == int(shared.sum()) > 0
+    down = wide.midlayer.mlp.down_proj.weight
+    assert torch.allclose(down[:, :old], base.midlayer.mlp.down_proj.weight, atol=1e-3)
+    assert down[:, old:].abs().max() == 0
+    rows = {d is wide: d.lm_head.weight[(torch.cumsum(d.t2d.long(), 0) - 1)[shared.nonzero().flatten()]]
+            for d in (base, wide)}  # rows of the shared target ids, in target-id order
+    assert torch.allclose(rows[True], rows[False], atol=1e-3)
 
 
 def test_fine_tuning_refuses_a_drafter_of_other_aux_layers(tmp_path, tiny_llama_path, tiny_drafter_path):

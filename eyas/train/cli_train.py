@@ -63,10 +63,15 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=2,
                    help="stop after this many epochs without val improvement (0: never)")
     g.add_argument("--step-weight", type=float, default=0.8, help="loss weight base per step")
-    g.add_argument("--intermediate-size", type=int, help="drafter MLP width (default: target's)")
+    g.add_argument("--intermediate-size", type=int,
+                   help="drafter MLP width (default: the --init-drafter's, else the target's); "
+                        "wider than the --init-drafter's widens it, new units starting at zero")
     g.add_argument("--init-drafter", metavar="D",
-                   help="fine-tune: start from this drafter (name or folder), keeping its draft "
-                        "vocabulary")
+                   help="fine-tune: start from this drafter (name or folder)")
+    g.add_argument("--init-vocab", choices=["keep", "reselect"], default="keep",
+                   help="with --init-drafter: keep its draft vocabulary, or re-choose the "
+                        "--draft-vocab most frequent tokens of this run's data (rows of tokens "
+                        "in both carried over)")
     g.add_argument("--lm-head-init", choices=["target", "random"], default="target",
                    help="lm_head from the target's head rows of the draft vocab, or random")
     g = p.add_argument_group("run")

@@ -69,8 +69,9 @@ class TrainConfig:
     num_threads: Optional[int] = None  # CPU threads (default: torch's)
     feature_batch_tokens: int = 4096
     capture: bool = True  # features captured while regenerating (else a second target pass)
-    init_drafter: Optional[str] = None  # start from this drafter's weights and draft vocab
-    intermediate_size: Optional[int] = None
+    init_drafter: Optional[str] = None  # start from this drafter's weights (train/init_weights.py)
+    init_vocab: str = "keep"  # with init_drafter: keep its draft vocab, or reselect from this data
+    intermediate_size: Optional[int] = None  # MLP width (with init_drafter: >= its width)
     lm_head_init: str = "target"  # target: the target's head rows of the draft vocab; random
     save_dtype: str = "float16"
     train_dtype: str = "auto"  # drafter matmuls: auto (bf16 where fast) | float32 | bfloat16
@@ -93,6 +94,10 @@ class TrainConfig:
         need(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         need(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
         need(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        need(self.init_vocab in ("keep", "reselect"), "init_vocab",
+             f"must be 'keep' or 'reselect', got {self.init_vocab!r}")
+        need(self.init_vocab == "keep" or self.init_drafter is not None, "init_vocab",
+             "'reselect' re-chooses the vocabulary of an --init-drafter; pass one")
         need(self.lm_head_init in ("target", "random"), "lm_head_init",
              f"must be 'target' or 'random', got {self.lm_head_init!r}")
         need(self.save_dtype in ("float16", "bfloat16", "float32"), "save_dtype",
@@ -140,7 +145,8 @@ class Pipeline:
         self.init = None
         if cfg.init_drafter:
             self.init = load_init_drafter(cfg.init_drafter, self.target_config, self.aux)
-            self.vd = self.init.draft_vocab_size
+            if cfg.init_vocab == "keep":
+                self.vd = self.init.draft_vocab_size
 
         val_ids = data.split_prompts([s.id for s in specs], cfg.val_fraction, cfg.seed)
         regen_params = {"target": str(self.target_folder), "prompts": data.file_digest(cfg.prompts),
@@ -155,11 +161,15 @@ class Pipeline:
         self._stage("regenerate", regen_params, lambda: self._regenerate(specs, val_ids))
         self._stage("features", {"aux_layers": list(self.aux), "topk": cfg.topk},
                     self._features)
-        self._stage("vocab", {"draft_vocab": self.vd, "init_drafter": cfg.init_drafter}, self._vocab)
+        # init_vocab is recorded only when not the default, so older work folders still resume
+        reselect = {"init_vocab": cfg.init_vocab} if cfg.init_vocab != "keep" else {}
+        self._stage("vocab", {"draft_vocab": self.vd, "init_drafter": cfg.init_drafter, **reselect},
+                    self._vocab)
         train_params = {k: getattr(cfg, k) for k in (
             "ttt_steps", "epochs", "lr", "min_lr_ratio", "warmup_frac", "weight_decay",
             "grad_clip", "batch_tokens", "patience", "step_weight", "seed", "intermediate_size",
             "lm_head_init", "init_drafter")}
+        train_params.update(reselect)
         self._stage("train", train_params, self._train)
         summary = self._save(len(specs))
         self.on_event("finished", summary=summary)
@@ -233,7 +243,7 @@ class Pipeline:
         counts = data.count_tokens(records, self.vocab_size, split="train")
         if counts.sum() == 0:
             counts = data.count_tokens(records, self.vocab_size, split=None)
-        if self.init is not None:  # fine-tuning keeps the drafter's vocabulary
+        if self.init is not None and self.cfg.init_vocab == "keep":
             d2t, t2d = self.init.d2t.clone(), self.init.t2d.clone()
         else:
             d2t, t2d = build_vocab_maps(counts, self.vd)
@@ -245,14 +255,18 @@ class Pipeline:
     def _train(self) -> dict:
         trainer = DrafterTrainer(self.cfg, self.target_folder, self.target_config, self.aux,
                                  self.work, self.on_event, init=self.init)
-        return trainer.fit()
+        stats = trainer.fit()
+        if trainer.carried is not None:
+            stats["carried_over"] = dataclasses.asdict(trainer.carried)
+        return stats
 
     def _save(self, num_prompts: int) -> dict:
         from eyas.models.eagle3 import save_drafter
 
         cfg = self.cfg
         state = torch.load(self.work / "final.pt", map_location="cpu", weights_only=True)
-        drafter = build_drafter(self.target_config, self.aux, cfg, state["d2t"], state["t2d"])
+        drafter = build_drafter(self.target_config, self.aux, cfg, state["d2t"], state["t2d"],
+                                init=self.init)
         drafter.load_state_dict(state["model"])
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float32": torch.float32}[cfg.save_dtype]
@@ -267,7 +281,8 @@ class Pipeline:
         return {
             "target": str(self.target_folder), "prompt_file": str(self.cfg.prompts),
             "prompts": num_prompts, "samples_per_prompt": self.cfg.samples_per_prompt,
-            "init_drafter": self.cfg.init_drafter,
+            "init_drafter": self.cfg.init_drafter, "init_vocab": self.cfg.init_vocab,
+            "carried_over": train.get("carried_over"),
             "sequences": regen.get("sequences"), "response_tokens": regen.get("response_tokens_total"),
             "draft_vocab": vocab["draft_vocab"], "draft_vocab_coverage": round(vocab["coverage"], 4),
             "aux_layers": list(self.aux), "ttt_steps": self.cfg.ttt_steps,
@@ -333,7 +348,7 @@ def read_target_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def build_drafter(target_config, aux: tuple[int, ...], cfg: TrainConfig, d2t: torch.Tensor,
                   t2d: torch.Tensor, target_tensors: Optional[dict] = None,
-                  seed: Optional[int] = None):
+                  seed: Optional[int] = None, init=None):
     """A fp32 drafter shaped for the target. With target_tensors: freshly initialised (fc and
     midlayer random, norms 1; lm_head = the target's head rows of the draft vocab when
     cfg.lm_head_init == "target", else random). Copying the target's final norm as well was
@@ -343,7 +358,8 @@ def build_drafter(target_config, aux: tuple[int, ...], cfg: TrainConfig, d2t: to
 
     custom = tuple(aux) != default_aux_layer_ids(target_config.num_hidden_layers)
     config = random_drafter_config(target_config, draft_vocab_size=int(d2t.shape[0]),
-                                   intermediate_size=cfg.intermediate_size,
+                                   intermediate_size=cfg.intermediate_size or (
+                                       init.arch.intermediate_size if init is not None else None),
                                    aux_layer_ids=list(aux) if custom else None)
     drafter = Eagle3Drafter(config, dtype=torch.float32,
                             max_position=target_config.max_position_embeddings + cfg.ttt_steps)
@@ -403,17 +419,13 @@ class DrafterTrainer:
         self.d2t, self.t2d = vocab["d2t"], vocab["t2d"]
         tensors = read_target_tensors(target_folder)
         self.embed = tensors["embed"].to(self.device)  # [V, H], frozen
-        self.drafter = build_drafter(target_config, aux, cfg, self.d2t, self.t2d, tensors)
-        if init is not None:  # fine-tune: every trained weight from the given drafter
-            own = dict(self.drafter.named_parameters())
-            with torch.no_grad():
-                for name, p in init.named_parameters():
-                    if name not in own or own[name].shape != p.shape:
-                        raise InvalidRequestError(
-                            "init_drafter", f"its {name} {tuple(p.shape)} does not fit this run's "
-                            f"drafter ({tuple(own[name].shape) if name in own else 'absent'}); "
-                            "check --intermediate-size")
-                    own[name].copy_(p.float())
+        self.drafter = build_drafter(target_config, aux, cfg, self.d2t, self.t2d, tensors, init=init)
+        self.carried = None
+        if init is not None:  # fine-tune: start from the given drafter (widened, new vocab rows)
+            from eyas.train.init_weights import carry_over
+
+            self.carried = carry_over(self.drafter, init)
+            log.info("started from the --init-drafter: %s", self.carried)
         self.drafter.to(self.device).requires_grad_(True).train()
         self.t2d_index = target_to_draft_index(self.drafter)
         feats = work / "features"
