@@ -361,3 +361,29 @@ def test_greedy_tree_verification_walks_argmax():
     logits[0] = 0.0
     logits[0, 3] = 1.0
     assert accept_tree(logits, tree, SamplingParams(), None) == ([], [3])
+
+
+def _paths(tree) -> list[tuple]:
+    out = []
+    for i in range(len(tree.tokens)):
+        path, j = [], i
+        while j >= 0:
+            path.insert(0, tree.tokens[j])
+            j = tree.parents[j]
+        out.append(tuple(path))
+    return out
+
+
+@pytest.mark.parametrize("steps,topk,budget", [(3, 2, 4), (5, 4, 8), (4, 3, 10)])
+def test_tree_ranks_give_every_smaller_tree(steps, topk, budget):
+    """A greedy tree's nodes of rank < m are exactly the tree a budget of m drafts (what the
+    adaptive controller relies on to learn smaller trees' acceptance from larger ones)."""
+    greedy = SamplingParams()
+    (tree,), _ = build(steps, topk, [budget], [greedy], seed=steps * topk)
+    n = len(tree.tokens)
+    assert sorted(tree.ranks) == list(range(n))
+    assert all(p < 0 or tree.ranks[p] < tree.ranks[i] for i, p in enumerate(tree.parents))
+    paths = _paths(tree)
+    for m in range(1, n):
+        (small,), _ = build(steps, topk, [m], [greedy], seed=steps * topk)
+        assert sorted(_paths(small)) == sorted(p for p, r in zip(paths, tree.ranks) if r < m)

@@ -8,7 +8,12 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
 
 - E[tokens | k] for chains: 1 + sum_{i<=k} prod_{j<=i} alpha_j, where alpha_j is the running
   rate at which draft position j is accepted once positions < j were (decayed counts, so it
-  follows drift). For trees the candidates are {0, n}; E[tokens | n] is a running mean.
+  follows drift). For trees k is the tree size: the candidates are 0 and about n/4, n/2, 3n/4
+  and n nodes (`tree_sizes`), and E[tokens | m] is a running mean per size. A tree of m nodes is
+  the best m nodes of a larger one (the search ranks parents before children), so one verified
+  tree of n nodes also says what every m <= n would have accepted: the accepted path's nodes of
+  rank < m (exact for greedy requests; for sampled ones, rejection sampling over a smaller tree
+  would also have tried other tokens where a node is missing, so it is a lower bound).
 - time(B, k): the median of the last `time_window` measured step times (draft + verify) per
   batch bucket (powers of two) and k (the first sample, which pays one-time costs, is dropped
   once a second arrives). A median, because on a shared CPU a stalled step can take several
@@ -86,7 +91,7 @@ from eyas.errors import ConfigError
 @dataclass(frozen=True)
 class ControllerConfig:
     max_tokens: int  # k_max: chain length, or tree size budget
-    tree: bool = False  # candidates {0, max_tokens} instead of 0..max_tokens
+    tree: bool = False  # candidates 0 and tree_sizes(max_tokens) instead of 0..max_tokens
     time_window: int = 5  # step times per (bucket, k) whose median is the estimate
     accept_decay: float = 0.995  # per-record decay of acceptance counts
     probe_every: int = 32  # steps per bucket between probes of a non-best candidate...
@@ -132,6 +137,13 @@ class ControllerConfig:
                               f"{self.confirm_every}")
 
 
+def tree_sizes(n: int) -> list[int]:
+    """Tree sizes the controller chooses from for a budget of n nodes: about n/4, n/2, 3n/4 and
+    n (8 -> [2, 4, 6, 8]; 3 -> [1, 2, 3]). Fewer nodes verify fewer rows, which on a CPU or at
+    larger batches can buy more than the tokens the extra nodes would add."""
+    return sorted({max(1, -(-n * q // 4)) for q in (1, 2, 3, 4)})
+
+
 def bucket_of(batch: int) -> int:
     """Smallest power of two >= batch."""
     return 1 << max(0, (int(batch) - 1).bit_length())
@@ -165,11 +177,11 @@ def along_batch(x: float, x1: float, t1: float, x2: float, t2: float) -> float:
 class SpecController:
     def __init__(self, config: ControllerConfig):
         self.config = config
-        self.candidates = [0, config.max_tokens] if config.tree else list(range(config.max_tokens + 1))
         n = config.max_tokens
+        self.candidates = [0] + tree_sizes(n) if config.tree else list(range(n + 1))
         self.reached = [0.0] * n  # position j drafted with all earlier drafts accepted
         self.accepted = [0.0] * n  # ... and accepted
-        self.tree_tokens: Optional[float] = None  # running mean tokens/sequence of tree steps
+        self.tree_tokens: dict[int, float] = {}  # tree size -> running mean tokens per sequence
         self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> median seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
         self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> median batch of the window
@@ -195,8 +207,11 @@ class SpecController:
         """Expected tokens a sequence gains in one step that drafts k tokens."""
         if k == 0:
             return 1.0
-        if self.config.tree:
-            return self.tree_tokens if self.tree_tokens is not None else 1.0 + self.config.prior_accept
+        if self.config.tree:  # a size not seen yet gets at least what a smaller tree got
+            if k in self.tree_tokens:
+                return self.tree_tokens[k]
+            return max([t for m, t in self.tree_tokens.items() if m < k],
+                       default=1.0 + self.config.prior_accept)
         total, run = 1.0, 1.0
         for j in range(k):
             run *= self.alpha(j)
@@ -375,13 +390,23 @@ class SpecController:
         else:
             self.debt = max(0.0, self.debt - self.config.explore_budget * seconds)
 
-    def record_accept(self, drafted: int, accepted: int) -> None:
-        """One sequence drafted `drafted` tokens and `accepted` of them were accepted."""
+    def record_accept(self, drafted: int, accepted: int,
+                      path_ranks: Optional[list[int]] = None) -> None:
+        """One sequence drafted `drafted` tokens and `accepted` of them were accepted. Trees may
+        add the search ranks of the accepted path's nodes (root first), which also give the
+        tokens every smaller candidate tree would have got."""
         if drafted <= 0:
             return
         if self.config.tree:
-            got = 1.0 + accepted
-            self.tree_tokens = got if self.tree_tokens is None else 0.95 * self.tree_tokens + 0.05 * got
+            got = {drafted: 1.0 + accepted}
+            if path_ranks is not None:
+                for m in self.candidates[1:]:
+                    if m <= drafted:  # the leading path nodes among the best m
+                        got[m] = 1.0 + next((j for j, r in enumerate(path_ranks) if r >= m),
+                                            len(path_ranks))
+            for m, tokens in got.items():
+                old = self.tree_tokens.get(m)
+                self.tree_tokens[m] = tokens if old is None else 0.95 * old + 0.05 * tokens
             return
         d = self.config.accept_decay
         for j in range(min(drafted, len(self.reached))):

@@ -187,8 +187,10 @@ class SpecDecoder:
         of t(batch, k): with the drafter's catch-up over positions of earlier plain steps taken
         out (scaled to the rows a step that drafts every time extends over), so that a probe
         after plain steps measures a typical drafting step."""
-        for i in drafts:
-            self.controller.record_accept(len(drafts[i].tokens), out.accepted[i])
+        for i, draft in drafts.items():
+            ranks, path = getattr(draft, "ranks", None), out.paths.get(i)
+            self.controller.record_accept(len(draft.tokens), out.accepted[i],
+                                          [ranks[n] for n in path] if ranks and path is not None else None)
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
         seconds = time.perf_counter() - start

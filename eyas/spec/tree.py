@@ -68,6 +68,10 @@ class TreeDraft:
     q: Optional[torch.Tensor] = None  # [n+1, Vd] drafter probs at each tree position (sampled
     #                                   requests; rows of positions without children are zero)
     draft_to_target: Optional[torch.Tensor] = None  # [Vd] target id of each q column (None: same)
+    # [n] each node's rank in the search (0 = best key): the best m nodes form the tree a budget
+    # of m would have drafted (the selection is ancestor-closed), which the adaptive controller
+    # uses to learn acceptance for smaller trees; None when unknown (rebuilt from a message)
+    ranks: Optional[list[int]] = None
 
     def children(self) -> list[list[int]]:
         """Child node indices of each tree position 0..n, in sampling order."""
@@ -246,8 +250,11 @@ class TreeSearch:
                     if i in tree.q:
                         src, row = tree.q[i]
                         q[pos + 1] = src[row]
-            drafts.append(make_tree_draft([tree.nodes[i].token for i in chosen], parents, q,
-                                          self.draft_to_target if q is not None else None))
+            draft = make_tree_draft([tree.nodes[i].token for i in chosen], parents, q,
+                                    self.draft_to_target if q is not None else None)
+            rank = {i: r for r, i in enumerate(tree.ranked()[:tree.budget])}
+            draft.ranks = [rank[i] for i in chosen]
+            drafts.append(draft)
         return drafts
 
 

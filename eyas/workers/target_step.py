@@ -46,6 +46,7 @@ class StepOutcome:
     feature_rows: list[list[int]]  # per item: flat rows of its num_valid positions
     move_src: list[int] = field(default_factory=list)  # flat KV slots to move (tree paths)
     move_dst: list[int] = field(default_factory=list)
+    paths: dict[int, list[int]] = field(default_factory=dict)  # item -> accepted tree nodes
     features: Optional[list[torch.Tensor]] = None  # per item [num_valid, H] (in-process drafter)
 
 
@@ -95,6 +96,7 @@ def run_target_step(runner: ModelRunner, items: list[StepItem],
                     out.move_src.append(int(slots[node]))
                     out.move_dst.append(int(slots[j]))
             out.feature_rows[i] += [base + node for node in path]
+            out.paths[i] = list(path)
         else:
             tokens = accept_chain(block, it.draft.tokens, it.draft.q, it.params, it.generator)
             out.feature_rows[i] += list(range(base, base + len(tokens) - 1))
