@@ -21,6 +21,8 @@ SETTINGS = {  # label -> EngineConfig spec fields (None: no drafter)
     "chain K=2": dict(spec_topk=1, spec_steps=2),
     "chain K=5": dict(spec_topk=1, spec_steps=5),
     "tree 5x4, 8 tokens": dict(spec_topk=4, spec_steps=5, spec_draft_tokens=8),
+    "tree 5x4, 4 tokens": dict(spec_topk=4, spec_steps=5, spec_draft_tokens=4),
+    "tree 5x4, 2 tokens": dict(spec_topk=4, spec_steps=5, spec_draft_tokens=2),
     "tree 3x4, 6 tokens": dict(spec_topk=4, spec_steps=3, spec_draft_tokens=6),
 }
 
