@@ -12,8 +12,8 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   and n nodes (`tree_sizes`), and E[tokens | m] is a running mean per size. A tree of m nodes is
   the best m nodes of a larger one (the search ranks parents before children), so one verified
   tree of n nodes also says what every m <= n would have accepted: the accepted path's nodes of
-  rank < m (exact for greedy requests; for sampled ones, rejection sampling over a smaller tree
-  would also have tried other tokens where a node is missing, so it is a lower bound).
+  rank < m (exact for greedy requests; for sampled ones an estimate, since a smaller budget
+  draws its tree from the generator in another order).
 - time(B, k): the median of the last `time_window` measured step times (draft + verify) per
   batch bucket (powers of two) and k (the first sample, which pays one-time costs, is dropped
   once a second arrives). A median, because on a shared CPU a stalled step can take several
