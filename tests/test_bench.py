@@ -78,6 +78,11 @@ def test_records_contract(bench_run):
     assert all(r["speedup_vs_nospec"] == 1.0 for r in nospec)
     assert [r["spec_policy"] for r in records if r["mode"] in ("chain", "adaptive")] == \
         ["fixed", "fixed", "adaptive", "adaptive"]
+    for r in records:  # what the adaptive controller chose, per level: {k: steps}
+        if r["mode"] == "adaptive":
+            assert set(r["draft_choices"]) <= {"0", "1", "2", "3"} and sum(r["draft_choices"].values()) > 0
+        else:
+            assert "draft_choices" not in r
 
 
 def test_prompts_have_exact_length_and_are_stable(tiny_llama_path):
@@ -294,6 +299,16 @@ def test_rounds_interleave_the_modes_on_fresh_prompts(monkeypatch, tmp_path, tin
         # the level's rate is all its tokens over the rounds' summed wall time
         assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["wall_s"], rel=1e-3)
     assert json.loads((tmp_path / "results.json").read_text()) == records
+
+
+def test_merged_rounds_sum_the_draft_choices():
+    from eyas.bench.metrics import LevelResult, merge_rounds
+
+    rounds = [LevelResult("adaptive", 1, (), 1.0, {"draft_choices": {"0": 3, "4": 5}}),
+              LevelResult("adaptive", 1, (), 2.0, {"draft_choices": {"2": 1, "4": 2}})]
+    merged = merge_rounds(rounds)
+    assert merged.extra["draft_choices"] == {"0": 3, "2": 1, "4": 7}
+    assert list(merged.extra["draft_choices"]) == ["0", "2", "4"]
 
 
 def test_rounds_must_be_positive():

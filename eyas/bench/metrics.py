@@ -74,6 +74,12 @@ def merge_rounds(rounds: list[LevelResult]) -> LevelResult:
     extra = dict(first.extra)
     if "preemptions" in extra:
         extra["preemptions"] = sum(r.extra.get("preemptions", 0) for r in rounds)
+    if "draft_choices" in extra:
+        merged: dict[str, int] = {}
+        for r in rounds:
+            for k, n in r.extra.get("draft_choices", {}).items():
+                merged[k] = merged.get(k, 0) + n
+        extra["draft_choices"] = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
     extra["rounds"] = len(rounds)
     extra["round_tok_s"] = [round(sum(t.output_tokens for t in r.timings) / r.wall_s, 3) if r.wall_s > 0 else None
                             for r in rounds]

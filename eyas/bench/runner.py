@@ -79,12 +79,20 @@ def run_closed_loop(engine, prompts: Sequence[list[int]], concurrency: int, outp
 
 def run_level(engine, mode: str, prompts: Sequence[list[int]], concurrency: int, output_len: int,
               temperature: float = 0.0, progress: Optional[bool] = None, extra: Optional[dict] = None) -> LevelResult:
-    """One (mode, concurrency) level on a built engine; adds the preemptions it caused to `extra`."""
+    """One (mode, concurrency) level on a built engine; adds to `extra` the preemptions it caused
+    and, with an adaptive controller, `draft_choices`: {k: steps that chose it} (k is the draft
+    length, or the tree size with tree flags)."""
     before = engine.scheduler.num_preemptions
+    spec = getattr(engine, "spec", None)
+    controller = getattr(spec, "controller", None)
+    chosen = dict(controller.choices) if controller is not None else None
     timings, wall = run_closed_loop(engine, prompts, concurrency, output_len, temperature,
                                     tag=f"c{concurrency}-", progress=progress, desc=f"{mode} c={concurrency}")
     info = dict(extra or {})
     info["preemptions"] = engine.scheduler.num_preemptions - before
+    if controller is not None:
+        info["draft_choices"] = {str(k): n - chosen.get(k, 0) for k, n in sorted(controller.choices.items())
+                                 if n > chosen.get(k, 0)}
     return LevelResult(mode, concurrency, tuple(timings), wall, info)
 
 

@@ -197,6 +197,7 @@ class SpecController:
         self.probe_baseline: Optional[float] = None  # predicted seconds of the best, for the probe in flight
         # sequences that draft in the step just chosen (None: all); see choose()
         self.draft_seqs: Optional[int] = None
+        self.choices: dict[int, int] = {}  # k -> steps that chose it (bench reports, logs)
 
     # ------------------------------------------------------------------ model
     def alpha(self, j: int) -> float:
@@ -310,6 +311,11 @@ class SpecController:
         self.draft_seqs = None
         if batch <= 0:
             return 0
+        k = self._choose(batch)
+        self.choices[k] = self.choices.get(k, 0) + 1
+        return k
+
+    def _choose(self, batch: int) -> int:
         b = bucket_of(batch)
         known = self.times.get(b, {})
         n = self.steps[b] = self.steps.get(b, 0) + 1
