@@ -238,6 +238,18 @@ def check_shape(tree, steps, budget):
         assert len({tree.tokens[c] for c in kids}) == len(kids)
 
 
+def _paths(tree) -> list[tuple]:
+    """Each node's token path from the root (its ancestors' tokens, then its own)."""
+    out = []
+    for i in range(len(tree.tokens)):
+        path, j = [], i
+        while j >= 0:
+            path.insert(0, tree.tokens[j])
+            j = tree.parents[j]
+        out.append(tuple(path))
+    return out
+
+
 @pytest.mark.parametrize("steps,topk,budget", [(1, 3, 8), (3, 2, 4), (4, 3, 10), (5, 4, 8), (3, 4, 50)])
 def test_greedy_tree_is_the_best_budget_nodes(steps, topk, budget):
     greedy = SamplingParams()
@@ -254,14 +266,7 @@ def test_greedy_tree_is_the_best_budget_nodes(steps, topk, budget):
         cands += new
         frontier = sorted(new, key=lambda c: -c[1])[:topk]
     want = sorted(cands, key=lambda c: -c[1])[:budget]
-    paths = []
-    for i in range(len(tree.tokens)):
-        path, j = [], i
-        while j >= 0:
-            path.insert(0, tree.tokens[j])
-            j = tree.parents[j]
-        paths.append(tuple(path))
-    assert sorted(paths) == sorted(p for p, _ in want)
+    assert sorted(_paths(tree)) == sorted(p for p, _ in want)
     assert len(tree.tokens) == min(budget, topk + (steps - 1) * topk * topk)
 
 
@@ -361,17 +366,6 @@ def test_greedy_tree_verification_walks_argmax():
     logits[0] = 0.0
     logits[0, 3] = 1.0
     assert accept_tree(logits, tree, SamplingParams(), None) == ([], [3])
-
-
-def _paths(tree) -> list[tuple]:
-    out = []
-    for i in range(len(tree.tokens)):
-        path, j = [], i
-        while j >= 0:
-            path.insert(0, tree.tokens[j])
-            j = tree.parents[j]
-        out.append(tuple(path))
-    return out
 
 
 @pytest.mark.parametrize("steps,topk,budget", [(3, 2, 4), (5, 4, 8), (4, 3, 10)])

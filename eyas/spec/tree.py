@@ -236,7 +236,8 @@ class TreeSearch:
     def result(self) -> list[TreeDraft]:
         drafts = []
         for b, tree in enumerate(self.trees):
-            chosen = sorted(tree.ranked()[:tree.budget], key=lambda i: (tree.nodes[i].depth, i))
+            top = tree.ranked()[:tree.budget]  # node indices, best first
+            chosen = sorted(top, key=lambda i: (tree.nodes[i].depth, i))
             where = {i: pos for pos, i in enumerate(chosen)}
             n = len(chosen)
             if any(tree.nodes[i].parent >= 0 and tree.nodes[i].parent not in where for i in chosen):
@@ -252,7 +253,7 @@ class TreeSearch:
                         q[pos + 1] = src[row]
             draft = make_tree_draft([tree.nodes[i].token for i in chosen], parents, q,
                                     self.draft_to_target if q is not None else None)
-            rank = {i: r for r, i in enumerate(tree.ranked()[:tree.budget])}
+            rank = {i: r for r, i in enumerate(top)}
             draft.ranks = [rank[i] for i in chosen]
             drafts.append(draft)
         return drafts

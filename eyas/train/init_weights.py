@@ -41,7 +41,7 @@ def carry_over(dst, src) -> CarryOver:
     if new_inter < old_inter:
         raise InvalidRequestError("intermediate_size", f"{new_inter} is narrower than the "
                                   f"--init-drafter's MLP ({old_inter}); a drafter can only widen")
-    rows_kept = rows_new = 0
+    rows_kept, rows_new = dst.draft_vocab_size, 0  # same vocabulary: every row carries over
     for name, p in src.named_parameters():
         q = own.get(name)
         if q is None:
@@ -57,8 +57,6 @@ def carry_over(dst, src) -> CarryOver:
                 f"({tuple(q.shape)}); check --intermediate-size")
         else:
             q.copy_(p.float())
-    if rows_kept == rows_new == 0:
-        rows_kept = dst.draft_vocab_size
     return CarryOver(new_inter - old_inter, rows_kept, rows_new)
 
 
