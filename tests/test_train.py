@@ -451,6 +451,8 @@ def test_self_prompts_prefix_and_filter(smollm2_path):
     assert not module.keep_request("Hi!", "stop", seen, banned)  # too short
     assert not module.keep_request("Convert 5 kilometres into miles.", "stop", seen, banned)
     assert not module.keep_request("<|im_start|>assistant\nSure, here it is.", "stop", seen, banned)
+    assert not module.keep_request("What is the tallest mountain in Europe?", "stop", seen, banned,
+                                   max_chars=30)  # longer than --max-chars
     assert len(seen) == 1
 
 
@@ -475,6 +477,23 @@ def test_self_prompts_script_writes_prompt_file(tmp_path, tiny_llama_path, monke
     specs = read_prompt_file(tmp_path / "self0.jsonl")
     assert [s.id for s in specs] == [f"self-0-{i:05d}" for i in range(len(specs))]
     assert len(specs) >= 4 and outs[0] == outs[1]
+
+
+def test_self_prompts_with_openers(tmp_path, tiny_llama_path, monkeypatch):
+    """--openers: every kept request starts with one of OPENERS (the model writes the rest), and
+    the file's ids say so."""
+    from eyas.prompts import read_prompt_file
+
+    module = _load_prompt_script("make_self_prompts")
+    monkeypatch.setattr(module, "keep_request", lambda text, *a: bool(text.strip()))
+    out = tmp_path / "ask.jsonl"
+    assert module.main(["--model", str(tiny_llama_path), "--out", str(out), "--num", "6",
+                        "--max-tokens", "4", "--max-num-seqs", "6", "--openers", "--seed", "3"]) == 0
+    specs = read_prompt_file(out)
+    assert [s.id for s in specs] == [f"ask-3-{i:05d}" for i in range(6)]
+    starts = [next((o for o in module.OPENERS if s.prompt.startswith(o)), None) for s in specs]
+    assert None not in starts and len(set(starts)) > 1
+    assert all(len(s.prompt) > len(o) for s, o in zip(specs, starts))  # the model added words
 
 
 def test_features_captured_while_regenerating_match_a_second_pass(tmp_path, tiny_llama_path):

@@ -11,16 +11,24 @@ making instruction data). Template prompts (train.jsonl, topics.jsonl) share a f
 phrasings, and a drafter trained on them reached 0.62 top-1 on held-out template prompts but 0.41
 on the hand-written eval set; self-written requests are each phrased differently.
 
-Kept: requests that closed their turn within --max-tokens, 16-600 characters, not starting with
+With --openers, each user turn starts with one of OPENERS (a few words a plain request begins
+with: "How do I", "Translate into German:", "Give me", ...), drawn at random per sample, and the
+model writes the rest. The free requests run long and chatty (median 112 characters) where plain
+one-line requests (median 57 in eval.jsonl) are what users type most; the openers and a
+--max-chars limit steer the requests towards those without writing any of them by hand.
+
+Kept: requests that closed their turn within --max-tokens, 16 to --max-chars characters, not starting with
 something that is no request at all (a role tag), not in eval.jsonl, and not a repeat of an earlier
 one's first 48 characters (case-insensitive), in this run or in the --exclude files (earlier runs
 with other seeds). Deterministic for a seed and a model on one machine. Each kept line is
-{"id": "self-SEED-NNNNN", "prompt": TEXT}; train-drafter applies the chat template.
+{"id": "self-SEED-NNNNN", "prompt": TEXT} ("ask-SEED-NNNNN" with --openers); train-drafter
+applies the chat template.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -30,6 +38,26 @@ if str(HERE) not in sys.path:  # its sibling script, also when loaded by file pa
 from make_prompts import eval_texts  # noqa: E402
 
 END_OF_TURN = "<|im_end|>"
+
+# How plain one-line requests begin: questions, instructions, conversions, translations,
+# rewrites, small maths and greetings. Only the first words; the model writes the request.
+OPENERS = (
+    "What is", "What are", "What's the best way to", "What should I", "What happens when",
+    "How do I", "How does", "How can I", "How many", "How long does it take to",
+    "Why do", "Why is", "Why does", "When should I", "Where can I", "Who was", "Which is better,",
+    "Is it true that", "Can you explain", "Can you help me", "Could you", "Should I",
+    "Explain", "Describe", "Define", "Compare", "Summarise", "Summarize", "List", "Name",
+    "Give me", "Tell me", "Suggest", "Recommend", "Help me", "Show me how to",
+    "Write a short", "Write a poem about", "Write a story about", "Write a haiku about",
+    "Write an email to", "Write a Python function that", "Write a function that",
+    "Write a SQL query that", "Write a sentence", "Write a list of", "Create a", "Make a",
+    "Plan a", "Draft a", "Rewrite this", "Correct the grammar:", "Paraphrase:", "Turn this into",
+    "Convert", "Calculate", "Solve", "If a", "A train", "What is 15%", "Round",
+    "Translate into French:", "Translate into Spanish:", "Translate into German:",
+    "Translate into Italian:", "Translate to English:", "How do you say",
+    "Hi!", "Hello,", "Hey, can you", "I'm", "I need", "I want to", "I have", "My",
+    "Please", "Quick question:", "In one sentence,", "In three bullet points,",
+)
 
 
 def user_turn_prefix(tokenizer) -> str:
@@ -47,10 +75,11 @@ def request_key(text: str) -> str:
     return " ".join(text.lower().split())[:48]
 
 
-def keep_request(text: str, finish_reason: str, seen: set[str], banned: set[str]) -> bool:
+def keep_request(text: str, finish_reason: str, seen: set[str], banned: set[str],
+                 max_chars: int = 600) -> bool:
     """Whether a sampled user turn becomes a prompt; records its key in `seen` when it does."""
     text = text.strip()
-    if finish_reason != "stop" or not 16 <= len(text) <= 600:
+    if finish_reason != "stop" or not 16 <= len(text) <= max_chars:
         return False
     if text.startswith(("<|", "system", "assistant", "user")) or text.lower() in banned:
         return False
@@ -72,6 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-chars", type=int, default=600, help="longest request kept")
+    ap.add_argument("--openers", action="store_true",
+                    help="start each request with one of OPENERS, drawn at random")
     ap.add_argument("--exclude", nargs="*", default=[],
                     help="prompt files whose requests must not be repeated")
     args = ap.parse_args(argv)
@@ -85,15 +117,19 @@ def main(argv=None) -> int:
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs, dtype=args.dtype,
               enable_prefix_caching=True)
     prefix = user_turn_prefix(llm.tokenizer)
+    rng = random.Random(args.seed)
+    starts = [rng.choice(OPENERS) if args.openers else "" for _ in range(args.num)]
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed * 1_000_003 + i, stop=(END_OF_TURN,))
               for i in range(args.num)]
-    outs = llm.generate([prefix] * args.num, params, use_tqdm=True)
+    outs = llm.generate([prefix + start for start in starts], params, use_tqdm=True)
     banned = eval_texts(HERE / "eval.jsonl")
-    kept = [o.text.strip() for o in outs if keep_request(o.text, o.finish_reason, seen, banned)]
+    kept = [start + o.text for start, o in zip(starts, outs)
+            if keep_request(start + o.text, o.finish_reason, seen, banned, args.max_chars)]
+    name = "ask" if args.openers else "self"
     with open(args.out, "w") as f:
         for i, text in enumerate(kept):
-            f.write(json.dumps({"id": f"self-{args.seed}-{i:05d}", "prompt": text}) + "\n")
+            f.write(json.dumps({"id": f"{name}-{args.seed}-{i:05d}", "prompt": text.strip()}) + "\n")
     print(f"kept {len(kept)} of {args.num} sampled requests -> {args.out} "
           f"({llm.last_stats['tok_s']:.0f} tok/s)", file=sys.stderr)
     return 0
