@@ -33,6 +33,8 @@ def add_engine_args(p: argparse.ArgumentParser, with_executor: bool = True) -> N
     g.add_argument("--spec-topk", type=int, help="branching per draft step (>1 drafts a tree)")
     g.add_argument("--spec-draft-tokens", type=int, help="tree size budget")
     g.add_argument("--spec-policy", choices=["fixed", "adaptive"])
+    g.add_argument("--spec-dtype", help="drafter dtype: auto (bf16 beside an fp32 target on a CPU "
+                   "with native bf16, else the target's) | float32 | bfloat16 | float16")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel target shards (implies the ray executor)")
     g.add_argument("--worker-cpus", type=float, help="ray executor: CPUs per worker actor (default 1)")
     g.add_argument("--worker-gpus", type=float, help="ray executor: GPUs per target shard")
@@ -49,8 +51,8 @@ def engine_config_from_args(args: argparse.Namespace):
     cfg = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     keys = ["model", "draft", "device", "dtype", "max_model_len", "block_size", "kv_cache_memory",
             "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "eager", "num_threads",
-            "spec_steps", "spec_topk", "spec_draft_tokens", "spec_policy", "worker_cpus", "worker_gpus",
-            "drafter_gpus"]
+            "spec_steps", "spec_topk", "spec_draft_tokens", "spec_policy", "spec_dtype", "worker_cpus",
+            "worker_gpus", "drafter_gpus"]
     changes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if os.environ.get("EYAS_EAGER") == "1":
         changes["eager"] = True

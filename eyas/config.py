@@ -33,6 +33,9 @@ class SpecConfig:
     topk: int = 1
     draft_tokens: int = 8  # tree budget (topk > 1)
     policy: str = "adaptive"  # adaptive: the controller picks 0..steps per step (spec/controller.py)
+    # the drafter's weights and KV cache: auto = bf16 where the target is fp32 on a CPU with
+    # native bf16 (a drafter step is weight-read bound: half the bytes), else the target's dtype
+    dtype: str = "auto"
 
     def __post_init__(self):
         if self.steps < 1:
@@ -43,6 +46,8 @@ class SpecConfig:
             raise ConfigError(f"spec_draft_tokens must be >= 1, got {self.draft_tokens}")
         if self.policy not in ("fixed", "adaptive"):
             raise ConfigError(f"spec_policy must be 'fixed' or 'adaptive', got {self.policy!r}")
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ConfigError(f"spec_dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
     @property
     def enabled(self) -> bool:
@@ -74,7 +79,8 @@ class EngineConfig:
     # EYAS_COMPILE_BACKEND overrides it.
     compile_backend: Optional[str] = None
     num_threads: Optional[int] = None  # CPU intra-op threads (None: torch default)
-    packed_weights: Optional[bool] = None  # oneDNN-packed weight copies for CPU matmuls (None: on for CPU fp32)
+    # oneDNN-packed weight copies for CPU matmuls (None: on for CPU fp32, and bf16 where native)
+    packed_weights: Optional[bool] = None
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
     # Where the model runs: local (this process) or ray (tensor-parallel shards + a drafter worker

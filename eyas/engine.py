@@ -73,6 +73,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_draft_dtype(name: str, target_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The drafter's dtype. auto: bf16 beside an fp32 target on a CPU whose oneDNN has native bf16
+    (a drafter step at small batch reads its weights once per token, so half the bytes is about
+    twice the speed; the drafter trains under bf16 autocast anyway), else the target's dtype.
+    Verification stays in the target's dtype, so greedy output is unchanged either way."""
+    if name != "auto":
+        return resolve_dtype(name, device)
+    if device.type == "cpu" and target_dtype == torch.float32 and can_pack_weights(device, torch.bfloat16):
+        return torch.bfloat16
+    return target_dtype
+
+
 def model_len_limit(config: EngineConfig, max_position: int, sliding_window: Optional[int]) -> int:
     """max_model_len: configured (checked against the model), else min(max positions, 4096)."""
     limit = config.max_model_len or min(max_position, 4096)
@@ -120,8 +132,9 @@ def build_target_runner(model, config: EngineConfig, num_blocks: int, lookahead:
 
 
 def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, device: torch.device,
-                   dtype: torch.dtype, warm_up: bool = True, max_len: Optional[int] = None):
-    """The EAGLE-3 proposer over its own KV cache (same block ids and size as the target's).
+                   warm_up: bool = True, max_len: Optional[int] = None):
+    """The EAGLE-3 proposer over its own KV cache (same block ids and size as the target's, in
+    the drafter's dtype).
     `target` gives the token embedding (`embed`) and `vocab_size`. When compiling, chain drafts
     run their q = 1 steps through compiled graphs (warmed up when `warm_up` and the config ask);
     trees stay eager."""
@@ -136,7 +149,7 @@ def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, devic
     pad_blocks = 1 if compiled else 0  # after the scratch blocks: padded rows of compiled steps
     layout = KVLayout(drafter.num_kv_heads, drafter.head_dim, 1)
     total_blocks = num_blocks + scratch_blocks + pad_blocks
-    draft_kv = allocate_kv(layout, total_blocks, config.block_size, dtype, device)[0]
+    draft_kv = allocate_kv(layout, total_blocks, config.block_size, drafter.dtype, device)[0]
     proposer = Eagle3Proposer(drafter, target, draft_kv, config.block_size, device, steps=spec.steps,
                               topk=spec.topk, num_paged_blocks=num_blocks)
     if compiled:
@@ -188,7 +201,8 @@ class LLMEngine:
             from eyas.models.eagle3 import load_drafter
 
             self.draft_path = resolve_model(config.spec.draft)
-            self.drafter = load_drafter(self.draft_path, self.model, dtype=self.dtype, device=self.device)
+            draft_dtype = resolve_draft_dtype(config.spec.dtype, self.dtype, self.device)
+            self.drafter = load_drafter(self.draft_path, self.model, dtype=draft_dtype, device=self.device)
             layouts.append(KVLayout(self.drafter.num_kv_heads, self.drafter.head_dim, 1))
         memory = kv_budget(config, self.device)
         if config.num_kv_blocks is not None:
@@ -204,11 +218,11 @@ class LLMEngine:
 
             spec = config.spec
             self.runner.aux_layer_ids = self.drafter.aux_layers_for(self.model.num_layers)
-            proposer = build_proposer(self.drafter, self.model, config, self.num_blocks, self.device, self.dtype,
+            proposer = build_proposer(self.drafter, self.model, config, self.num_blocks, self.device,
                                       max_len=self.max_model_len)
             self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux,
                                     controller=make_controller(spec))
-        if self.drafter is not None and pack_weights(config, self.device, self.dtype):
+        if self.drafter is not None and pack_weights(config, self.device, self.drafter.dtype):
             pack_linear_weights(self.drafter)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)

@@ -252,13 +252,15 @@ class DrafterWorker:
     def __init__(self, spec: WorkerSpec):
         from transformers import AutoConfig
 
+        from eyas.engine import resolve_draft_dtype
         from eyas.models.eagle3 import load_drafter
 
         self.spec = spec
         self.device, self.dtype, _ = start_worker(spec)  # the drafter is in no shard group
         self.target_config = AutoConfig.from_pretrained(spec.model)
         self.embedding = TargetEmbedding(spec.model, self.dtype, self.device)
-        self.drafter = load_drafter(spec.draft, self.target_config, dtype=self.dtype, device=self.device)
+        draft_dtype = resolve_draft_dtype(spec.config.spec.dtype, self.dtype, self.device)
+        self.drafter = load_drafter(spec.draft, self.target_config, dtype=draft_dtype, device=self.device)
         self.aux_width = len(self.drafter.aux_layers_for(self.target_config.num_hidden_layers)) * \
             self.target_config.hidden_size
         self.proposer = None
@@ -271,14 +273,14 @@ class DrafterWorker:
 
         cfg = self.spec.config
         layout = KVLayout(self.drafter.num_kv_heads, self.drafter.head_dim, 1)
-        return num_blocks_for(kv_budget(cfg, self.device), [layout], cfg.block_size, self.dtype, self.device,
-                              max_model_len, lookahead)
+        return num_blocks_for(kv_budget(cfg, self.device), [layout], cfg.block_size, self.drafter.dtype,
+                              self.device, max_model_len, lookahead)
 
     def allocate(self, num_blocks: int, lookahead: int) -> None:
         from eyas.engine import build_proposer
 
         self.proposer = build_proposer(self.drafter, self.embedding, self.spec.config, num_blocks,
-                                       self.device, self.dtype)
+                                       self.device)
 
     def _seq(self, request_id: str) -> MirrorSeq:
         if request_id not in self.seqs:

@@ -250,8 +250,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias, weight_packed) -> torch.
 
 
 def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """oneDNN packing on this CPU: fp32, and bf16 where oneDNN runs it natively (AVX512-BF16/AMX;
+    on this project's EPYC a packed bf16 drafter-sized matmul at M=1-4 ran 2.5x faster than packed
+    fp32, and at M=96 2.6x faster than MKL's bf16 on the plain weight)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() \
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 def pack_linear_weights(model: nn.Module, batch_hint: int = 16) -> int:

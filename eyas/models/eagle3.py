@@ -212,17 +212,18 @@ class Eagle3Drafter(nn.Module):
         return self.embed_tokens(input_ids)
 
     def fuse_aux(self, aux: Sequence[torch.Tensor]) -> torch.Tensor:
-        """3 target aux hidden states, each [T, Ht] -> fc(cat) [T, H]."""
-        return self.fc(torch.cat(list(aux), dim=-1))
+        """3 target aux hidden states, each [T, Ht] (the target's dtype) -> fc(cat) [T, H] (ours)."""
+        return self.fc(torch.cat(list(aux), dim=-1).to(self.dtype))
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         """embeds [T, H] (of each position's next token), hidden [T, H] -> out [T, H] pre-norm.
 
-        Writes this step's K/V into kv_cache at attn.slot_mapping.
+        Writes this step's K/V into kv_cache at attn.slot_mapping. The target's embeddings come
+        in its dtype, which may differ from ours (spec_dtype).
         """
         cos, sin = self.rotary_emb(positions)  # [T, 1, D] each
-        return self.midlayer(embeds, hidden, cos, sin, attn, kv_cache)
+        return self.midlayer(embeds.to(self.dtype), hidden.to(self.dtype), cos, sin, attn, kv_cache)
 
     def compute_logits(self, out: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, Vd] fp32
         if self.needs_target_lm_head:
@@ -241,6 +242,8 @@ class Eagle3Drafter(nn.Module):
         if tuple(weight.shape) != tuple(self.lm_head.weight.shape):
             raise ConfigError(f"target lm_head {tuple(weight.shape)} does not fit the drafter's "
                               f"{tuple(self.lm_head.weight.shape)}")
+        if weight.dtype != self.dtype:  # a drafter in another dtype than its target's (spec_dtype)
+            weight = weight.detach().to(self.dtype)
         self.lm_head.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(
             weight, requires_grad=False)
         self.needs_target_lm_head = False

@@ -104,6 +104,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--spec-dtype", help="the drafter's dtype (default auto: see eyas serve --help)")
     p.add_argument("--max-num-seqs", type=int, help="engine batch size")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval_drafter)
@@ -112,6 +113,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_eval_drafter(args: argparse.Namespace) -> int:
     extra = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
+    if args.spec_dtype:
+        extra["spec_dtype"] = args.spec_dtype
     report = evaluate_drafter(args.target, args.draft, args.prompts, args.max_tokens,
                               args.chains, args.temperatures, args.seed, args.max_prompts,
                               args.device, args.dtype, progress=sys.stderr.isatty(), **extra)
