@@ -1,11 +1,13 @@
 """Where a speculative step's time goes: the drafter's propose vs the target's verify, per setting.
 
-    python bench/spec_step_breakdown.py --draft smollm2-135m-instruct-eagle3 --prompts 6 --max-tokens 96
+    python bench/spec_step_breakdown.py --draft smollm2-135m-instruct-eagle3 --prompts 6 --max-tokens 96 \
+        [--settings "plain;tree 5x4, 4 tokens"] [--spec-dtypes float32,bfloat16]
 
 Runs the eval prompts one at a time (chat template, batch 1, greedy, EOS ignored) through a plain engine and
 through fixed-policy speculative engines (chain K=2, chain K=5, trees), with wall-clock timers
 around the proposer's `propose` and the target's `execute`. Prints mean milliseconds per step of
-each and the output tokens per second. Eager steps on CPU unless flags say otherwise.
+each and the output tokens per second. Eager steps on CPU unless flags say otherwise. With several
+--spec-dtypes, every drafting setting runs once per drafter dtype.
 """
 from __future__ import annotations
 
@@ -54,7 +56,16 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=6, help="prompts to run (the file's first ones)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--num-threads", type=int, default=2)
+    ap.add_argument("--settings", help="labels to run, split at ';' (default all)")
+    ap.add_argument("--spec-dtypes", default="auto", help="drafter dtypes, comma-separated (default auto)")
     args = ap.parse_args(argv)
+    labels = [x.strip() for x in args.settings.split(";")] if args.settings else list(SETTINGS)
+    unknown = [x for x in labels if x not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    dtypes = [x.strip() for x in args.spec_dtypes.split(",") if x.strip()]
+    runs = [(label, None) if SETTINGS[label] is None else (label, dt) for label in labels for dt in dtypes]
+    runs = list(dict.fromkeys(runs))  # plain once
 
     from eyas.core import SamplingParams
     from eyas.llm import LLM
@@ -65,8 +76,11 @@ def main(argv=None) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     print("| setting | drafter propose ms | target verify ms | steps | accept len | tok/s |")
     print("|---|---|---|---|---|---|")
-    for label, spec in SETTINGS.items():
-        kw = {} if spec is None else dict(spec, spec_policy="fixed")
+    for label, dtype in runs:
+        spec = SETTINGS[label]
+        kw = {} if spec is None else dict(spec, spec_policy="fixed", spec_dtype=dtype)
+        if dtype is not None and len(dtypes) > 1:
+            label = f"{label} ({dtype})"
         llm = LLM(args.model, draft=None if spec is None else args.draft, num_threads=args.num_threads, **kw)
         llm.generate(requests[:1], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), chat=True)  # warm-up
         eng = llm.engine

@@ -50,4 +50,4 @@ def spec_summary(cfg: EngineConfig) -> dict:
         return {}
     s = cfg.spec
     return {"spec_steps": s.steps, "spec_topk": s.topk,
-            "spec_draft_tokens": s.num_draft_tokens, "spec_policy": s.policy}
+            "spec_draft_tokens": s.num_draft_tokens, "spec_policy": s.policy, "spec_dtype": s.dtype}
