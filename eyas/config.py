@@ -34,7 +34,7 @@ class SpecConfig:
     draft_tokens: int = 8  # tree budget (topk > 1)
     policy: str = "adaptive"  # adaptive: the controller picks 0..steps per step (spec/controller.py)
     # the drafter's weights and KV cache: auto = bf16 where the target is fp32 on a CPU with
-    # native bf16 (a drafter step is weight-read bound: half the bytes), else the target's dtype
+    # native bf16 (half the weight bytes per draft step), else the target's dtype
     dtype: str = "auto"
 
     def __post_init__(self):

@@ -75,8 +75,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_draft_dtype(name: str, target_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The drafter's dtype. auto: bf16 beside an fp32 target on a CPU whose oneDNN has native bf16
-    (a drafter step at small batch reads its weights once per token, so half the bytes is about
-    twice the speed; the drafter trains under bf16 autocast anyway), else the target's dtype.
+    (half the weight bytes: a batch-1 propose measured a fifth cheaper on this project's CPU, at
+    the same acceptance; the drafter trains under bf16 autocast anyway), else the target's dtype.
     Verification stays in the target's dtype, so greedy output is unchanged either way."""
     if name != "auto":
         return resolve_dtype(name, device)

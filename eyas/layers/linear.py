@@ -251,8 +251,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias, weight_packed) -> torch.
 
 def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN packing on this CPU: fp32, and bf16 where oneDNN runs it natively (AVX512-BF16/AMX;
-    on this project's EPYC a packed bf16 drafter-sized matmul at M=1-4 ran 2.5x faster than packed
-    fp32, and at M=96 2.6x faster than MKL's bf16 on the plain weight)."""
+    on this project's EPYC, bf16 SmolLM2 generation at batch 32 went from 436 to 616 tok/s with
+    packed weights, same tokens)."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available() \
             or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
