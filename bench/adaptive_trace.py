@@ -31,14 +31,16 @@ def traced_run(engine, prompts, concurrency: int, output_len: int) -> tuple[dict
     inner = engine.step
 
     def step():
-        prefill = any(len(s.token_ids) - s.num_computed_tokens > 1 for s in engine.scheduler.running)
+        # a step prefills when a request waits (the closed loop adds one after each finish) or a
+        # running one still has prompt tokens to compute; both are known before the step runs
+        prefill = bool(engine.scheduler.waiting) or any(
+            len(s.token_ids) - s.num_computed_tokens > 1 for s in engine.scheduler.running)
         chosen = dict(controller.choices) if controller is not None else {}
         start = time.perf_counter()
         out = inner()
         seconds = time.perf_counter() - start
         k = next((k for k, n in (controller.choices.items() if controller else ()) if n > chosen.get(k, 0)), 0)
-        waiting = len(engine.scheduler.waiting)
-        groups["prefill" if prefill or waiting else f"decode k={k}"].append(seconds)
+        groups["prefill" if prefill else f"decode k={k}"].append(seconds)
         return out
 
     engine.step = step

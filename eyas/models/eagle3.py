@@ -220,10 +220,11 @@ class Eagle3Drafter(nn.Module):
         """embeds [T, H] (of each position's next token), hidden [T, H] -> out [T, H] pre-norm.
 
         Writes this step's K/V into kv_cache at attn.slot_mapping. The target's embeddings come
-        in its dtype, which may differ from ours (spec_dtype).
+        in its dtype, which may differ from ours (spec_dtype); hidden is ours already (fuse_aux's
+        output or our own previous out).
         """
         cos, sin = self.rotary_emb(positions)  # [T, 1, D] each
-        return self.midlayer(embeds.to(self.dtype), hidden.to(self.dtype), cos, sin, attn, kv_cache)
+        return self.midlayer(embeds.to(self.dtype), hidden, cos, sin, attn, kv_cache)
 
     def compute_logits(self, out: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, Vd] fp32
         if self.needs_target_lm_head:

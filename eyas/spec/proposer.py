@@ -133,8 +133,9 @@ class Eagle3Proposer(Proposer):
             # the query writes the pad slot; every key slot lies in the pad block
             pad = SeqSpan([0], (kv - 1) // bs * bs + graphs.pad_slot % bs, [pad_block] * -(-kv // bs))
             inputs = build_forward_inputs([pad] * b, self.block_size, self.device)
-            embeds = self.target.embed(inputs.input_ids)  # [b, H]
-            graphs.run(embeds, torch.zeros_like(embeds), inputs, self.kv_cache)
+            embeds = self.target.embed(inputs.input_ids)  # [b, H], the target's dtype
+            hidden = embeds.new_zeros(embeds.shape, dtype=self.drafter.dtype)  # [b, H], ours
+            graphs.run(embeds, hidden, inputs, self.kv_cache)
         return len(shapes)
 
     def _draft_step(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
