@@ -450,6 +450,9 @@ def test_self_prompts_prefix_and_filter(smollm2_path):
                                    seen, banned)  # never closed its turn
     assert not module.keep_request("Hi!", "stop", seen, banned)  # too short
     assert not module.keep_request("Convert 5 kilometres into miles.", "stop", seen, banned)
+    long_banned = {module.eval_key("Write a JavaScript function that checks whether a list is empty.")}
+    assert not module.keep_request("Write a JavaScript function that checks if n is prime.", "stop", set(),
+                                   long_banned)  # an eval prompt's first 36 characters
     assert not module.keep_request("<|im_start|>assistant\nSure, here it is.", "stop", seen, banned)
     assert not module.keep_request("What is the tallest mountain in Europe?", "stop", seen, banned,
                                    max_chars=30)  # longer than --max-chars
@@ -494,6 +497,13 @@ def test_self_prompts_with_openers(tmp_path, tiny_llama_path, monkeypatch):
     starts = [next((o for o in module.OPENERS if s.prompt.startswith(o)), None) for s in specs]
     assert None not in starts and len(set(starts)) > 1
     assert all(len(s.prompt) > len(o) for s, o in zip(specs, starts))  # the model added words
+    forms = tmp_path / "forms.jsonl"
+    assert module.main(["--model", str(tiny_llama_path), "--out", str(forms), "--num", "6",
+                        "--max-tokens", "4", "--max-num-seqs", "6", "--openers", "forms"]) == 0
+    texts = [s.prompt for s in read_prompt_file(forms)]
+    assert len(texts) == 6 and all(t.startswith(module.OPENERS_FORMS) for t in texts)
+    with pytest.raises(SystemExit):
+        module.main(["--out", str(tmp_path / "x.jsonl"), "--openers", "nosuchset"])
 
 
 def test_features_captured_while_regenerating_match_a_second_pass(tmp_path, tiny_llama_path):

@@ -12,13 +12,15 @@ phrasings, and a drafter trained on them reached 0.62 top-1 on held-out template
 on the hand-written eval set; self-written requests are each phrased differently.
 
 With --openers, each user turn starts with one of OPENERS (a few words a plain request begins
-with: "How do I", "Translate into German:", "Give me", ...), drawn at random per sample, and the
+with: "How do I", "Translate into German:", "Give me", ...; `--openers forms` draws from
+OPENERS_FORMS, other request forms), drawn at random per sample, and the
 model writes the rest. The free requests run long and chatty (median 112 characters) where plain
 one-line requests (median 57 in eval.jsonl) are what users type most; the openers and a
 --max-chars limit steer the requests towards those without writing any of them by hand.
 
 Kept: requests that closed their turn within --max-tokens, 16 to --max-chars characters, not starting with
-something that is no request at all (a role tag), not in eval.jsonl, and not a repeat of an earlier
+something that is no request at all (a role tag), not starting like a prompt of eval.jsonl (first 36
+characters), and not a repeat of an earlier
 one's first 48 characters (case-insensitive), in this run or in the --exclude files (earlier runs
 with other seeds). Deterministic for a seed and a model on one machine. Each kept line is
 {"id": "self-SEED-NNNNN", "prompt": TEXT} ("ask-SEED-NNNNN" with --openers); train-drafter
@@ -59,6 +61,30 @@ OPENERS = (
     "Please", "Quick question:", "In one sentence,", "In three bullet points,",
 )
 
+# Other request forms than OPENERS (a second set, so a new round is not more of the same): yes/no
+# and fact questions, named text kinds, editing and code tasks, formats, other languages, thanks.
+OPENERS_FORMS = (
+    "Is there", "Are there", "Do you know", "Can I", "Would it be", "Are",
+    "What does", "What do", "What was", "What if", "What would happen if", "What's the difference between",
+    "How much", "How often", "How far", "How to", "How would you", "Why are", "Who invented",
+    "Who wrote", "When did", "Where is", "What is the capital of", "What year",
+    "Give three", "Give an example of", "Give me a tip for", "Tell me a joke about",
+    "Tell me a fun fact about", "Brainstorm", "Outline", "Generate", "Classify", "Sort these",
+    "Find", "Fill in the blank:", "True or false:", "Spell", "Count", "Pick",
+    "Write a limerick about", "Write a tweet about", "Write a product description for",
+    "Write a cover letter for", "Write a thank-you note", "Write a slogan for", "Write a riddle",
+    "Write a dialogue between", "Write a recipe for", "Write a JavaScript function that",
+    "Write a bash command to", "Write a regex that", "Write a C program that", "Fix this code:",
+    "What does this code do:", "Debug:", "Shorten this:", "Make this more formal:",
+    "Make this sentence simpler:", "Continue the story:", "Finish this sentence:",
+    "Format as a table:", "As a JSON object,", "In simple terms,", "Briefly,", "Step by step,",
+    "Explain like I'm five:", "Translate into Portuguese:", "Translate into Dutch:",
+    "Translate into Chinese:", "Translate into Japanese:", "What does this mean in English:",
+    "Thanks!", "Good morning!", "Thank you, now", "Can you recommend", "Rate", "Convince me to",
+    "Pretend you are", "Act as",
+)
+OPENER_SETS = {"plain": OPENERS, "forms": OPENERS_FORMS}
+
 
 def user_turn_prefix(tokenizer) -> str:
     """The chat template rendered up to where a user's text begins: [system turn] + user header."""
@@ -75,13 +101,19 @@ def request_key(text: str) -> str:
     return " ".join(text.lower().split())[:48]
 
 
+def eval_key(text: str) -> str:
+    """What no training request may share with an evaluation prompt: its first 36 characters,
+    case and spacing aside (so an eval prompt's opening words, not just its whole text, stay out)."""
+    return " ".join(text.lower().split())[:36]
+
+
 def keep_request(text: str, finish_reason: str, seen: set[str], banned: set[str],
                  max_chars: int = 600) -> bool:
     """Whether a sampled user turn becomes a prompt; records its key in `seen` when it does."""
     text = text.strip()
     if finish_reason != "stop" or not 16 <= len(text) <= max_chars:
         return False
-    if text.startswith(("<|", "system", "assistant", "user")) or text.lower() in banned:
+    if text.startswith(("<|", "system", "assistant", "user")) or eval_key(text) in banned:
         return False
     key = request_key(text)
     if key in seen:
@@ -102,8 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-chars", type=int, default=600, help="longest request kept")
-    ap.add_argument("--openers", action="store_true",
-                    help="start each request with one of OPENERS, drawn at random")
+    ap.add_argument("--openers", nargs="?", const="plain", default=None, choices=sorted(OPENER_SETS),
+                    help="start each request with an opener of this set (bare: plain = OPENERS), "
+                         "drawn at random")
     ap.add_argument("--exclude", nargs="*", default=[],
                     help="prompt files whose requests must not be repeated")
     args = ap.parse_args(argv)
@@ -118,12 +151,13 @@ def main(argv=None) -> int:
               enable_prefix_caching=True)
     prefix = user_turn_prefix(llm.tokenizer)
     rng = random.Random(args.seed)
-    starts = [rng.choice(OPENERS) if args.openers else "" for _ in range(args.num)]
+    openers = OPENER_SETS[args.openers] if args.openers else ("",)
+    starts = [rng.choice(openers) for _ in range(args.num)]
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed * 1_000_003 + i, stop=(END_OF_TURN,))
               for i in range(args.num)]
     outs = llm.generate([prefix + start for start in starts], params, use_tqdm=True)
-    banned = eval_texts(HERE / "eval.jsonl")
+    banned = {eval_key(t) for t in eval_texts(HERE / "eval.jsonl")}
     kept = [start + o.text for start, o in zip(starts, outs)
             if keep_request(start + o.text, o.finish_reason, seen, banned, args.max_chars)]
     name = "ask" if args.openers else "self"
