@@ -220,7 +220,7 @@ class LLMEngine:
             self.runner.aux_layer_ids = self.drafter.aux_layers_for(self.model.num_layers)
             proposer = build_proposer(self.drafter, self.model, config, self.num_blocks, self.device,
                                       max_len=self.max_model_len)
-            self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, fuse_features=self.drafter.fuse_aux,
+            self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, capture_features=True,
                                     controller=make_controller(spec))
         if self.drafter is not None and pack_weights(config, self.device, self.drafter.dtype):
             pack_linear_weights(self.drafter)

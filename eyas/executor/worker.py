@@ -298,8 +298,8 @@ class DrafterWorker:
         if rows:
             buf = torch.empty(rows, self.aux_width, dtype=self.dtype)  # [R, n_aux * H]
             dist.recv(buf, src=0)
-            fused = self.drafter.fuse_aux([buf.to(self.device)])  # [R, H]
-            for o, part in zip(plan.observed, fused.split([o.num_rows for o in plan.observed])):
+            aux = buf.to(self.device)  # fused by the proposer when it extends over them
+            for o, part in zip(plan.observed, aux.split([o.num_rows for o in plan.observed])):
                 self.proposer.observe(self._seq(o.request_id), o.start, part)
         reply = pb.DraftResult(version=protocol.PROTOCOL_VERSION, step=plan.step)
         if not plan.items:

@@ -2,7 +2,7 @@
 
 Shapes for a step with S decoding sequences drafting K tokens each, plus prefill chunks:
   target input  T = sum(prefill chunk lengths) + S * (1 + K) flat tokens
-  aux features  3 x [T, H] -> fc -> [T, H]     (kept for the drafter's next extend)
+  aux features  3 x [T, H] -> the kept rows [n, 3H] (the drafter fuses them when it extends)
   verify logits [S, K+1, V]: row j scores the token after (last, d_1..d_j)
 The scheduler reserved 1 + K slots per decoding sequence; after accepting a of the K drafts,
 the sequence keeps num_computed + 1 + a tokens of KV and `truncate` returns emptied blocks.
@@ -36,33 +36,39 @@ class DrafterLost(RuntimeError):
 
 
 class LocalTarget:
-    """The target in this process: run the step, move tree KV at once, fuse the drafter's features."""
+    """The target in this process: run the step, move tree KV at once, hand the drafter the aux
+    rows of the positions each sequence keeps."""
 
-    def __init__(self, runner: ModelRunner, kv_caches, fuse_features=None):
+    def __init__(self, runner: ModelRunner, kv_caches, capture_features: bool = False):
         self.runner = runner
         self.kv_caches = kv_caches
-        self.fuse_features = fuse_features  # aux list -> [T, H], or None (the proposer needs none)
+        self.capture_features = capture_features  # False: the proposer needs no target features
 
     def execute(self, items: list[StepItem]) -> StepOutcome:
         out, result = run_target_step(self.runner, items)
         if out.move_src:
             dev = self.runner.device
             move_kv(self.kv_caches, torch.tensor(out.move_src, device=dev), torch.tensor(out.move_dst, device=dev))
-        if self.fuse_features is not None:
-            fused = self.fuse_features(result.aux)  # [T, H]
-            out.features = [fused[torch.as_tensor(rows, device=self.runner.device)] for rows in out.feature_rows]
+        if self.capture_features:
+            # the kept rows only (a verify step keeps the accepted ones), gathered once for all
+            # items and split into views per item; the proposer fuses them (fc) when it extends
+            flat = torch.tensor([r for rows in out.feature_rows for r in rows], dtype=torch.long)
+            flat = flat.to(self.runner.device)
+            picked = torch.cat([a.index_select(0, flat) for a in result.aux], dim=-1)  # [n, n_aux * Ht]
+            out.features = list(picked.split([len(rows) for rows in out.feature_rows]))
         return out
 
 
 class SpecDecoder:
     def __init__(self, engine: "LLMEngine", proposer: Proposer, num_steps: int,
-                 fuse_features=None, controller: Optional[SpecController] = None, target=None):
+                 capture_features: bool = False, controller: Optional[SpecController] = None,
+                 target=None):
         self.engine = engine
         self.proposer = proposer
         self.num_steps = num_steps  # max draft tokens verified per sequence (the KV lookahead)
         self.controller = controller  # picks the draft length per step; None: always num_steps
         # runs the target's half of a step: execute(items) -> StepOutcome (in process by default)
-        self.target = target or LocalTarget(engine.runner, engine.kv_caches, fuse_features)
+        self.target = target or LocalTarget(engine.runner, engine.kv_caches, capture_features)
         self.drafting = num_steps > 0  # False once the proposer is lost: plain decoding from then on
         if controller is not None:
             proposer.time_extend = True  # catch-up time is taken out of the step's time sample

@@ -3,7 +3,9 @@ shares block ids and block size with the target (one allocator, one block table 
 
 Per sequence the proposer keeps `DraftState`:
   dstart  - the drafter's KV is valid (computed from target features) for positions < dstart;
-  pending - fused target features [m, H] for positions [dstart, dstart + m).
+  pending - the target's aux rows [m, n_aux * Ht] for positions [dstart, dstart + m), fused
+            (fc) only when the drafter extends over them: at large batches the controller runs
+            plain steps for long stretches, and a sequence that never drafts never pays the fc.
 Invariant: dstart + m == seq.num_computed_tokens (the target's computed length).
 
 Drafter position p takes (feature of target position p, embedding of token p+1) and predicts
@@ -47,7 +49,7 @@ class Draft:
 @dataclass
 class DraftState:
     dstart: int
-    pending: list[torch.Tensor] = field(default_factory=list)  # chunks of [m_i, H]
+    pending: list[torch.Tensor] = field(default_factory=list)  # chunks of [m_i, n_aux * Ht] aux rows
 
     @property
     def num_pending(self) -> int:
@@ -65,8 +67,9 @@ class Proposer:
 
     def observe(self, seq: Sequence, start: int, features: Optional[torch.Tensor],
                 num_rows: Optional[int] = None) -> None:
-        """The target computed positions [start, start + n) of seq; features [n, H] or None
-        (then num_rows = n: the features went straight to a drafter worker)."""
+        """The target computed positions [start, start + n) of seq; features: their aux rows
+        [n, n_aux * Ht] (the aux hidden states side by side), or None (then num_rows = n: the
+        features went straight to a drafter worker)."""
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
         raise NotImplementedError
@@ -212,7 +215,7 @@ class Eagle3Proposer(Proposer):
                 feats.extend(st.pending)
         start = time.perf_counter()
         inputs = build_forward_inputs(spans, self.block_size, self.device)
-        hidden = torch.cat(feats)  # [T, H]
+        hidden = self.drafter.fuse_aux([torch.cat(feats)])  # [T, n_aux * Ht] -> [T, H], ours
         out = self.drafter(self.target.embed(inputs.input_ids), hidden, inputs.positions, inputs.attn,
                            self.kv_cache)
         if self.time_extend:
@@ -222,7 +225,7 @@ class Eagle3Proposer(Proposer):
         for seq in seqs:  # drafter KV now holds every computed position but the held ones
             st = self.states[seq.request_id]
             st.dstart = seq.num_computed_tokens - hold
-            st.pending = [st.pending[0][-hold:]] if hold else []
+            st.pending = [st.pending[0][-hold:].clone()] if hold else []  # not a view of the whole backlog
         return out[inputs.last_index]  # [S, H]
 
     @torch.inference_mode()
