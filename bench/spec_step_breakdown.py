@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         if dtype is not None and len(dtypes) > 1:
             label = f"{label} ({dtype})"
         if args.compile:
-            kw.update(eager=False, max_num_seqs=1)
+            kw.update(eager=False, max_num_seqs=1, max_model_len=512)  # few graphs to compile
         llm = LLM(args.model, draft=None if spec is None else args.draft, num_threads=args.num_threads, **kw)
         llm.generate(requests[:1], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), chat=True)  # warm-up
         eng = llm.engine

@@ -641,3 +641,45 @@ def test_drafting_right_after_a_prompt_catch_up_is_lossless(tiny_engine_factory,
     got = {str(i): run_all(engine, [p], PARAMS)["0"] for i, p in enumerate(PROMPTS)}
     assert got == plain
     engine.allocator.check_invariants([])
+
+
+class PlainThenDraft(SpecController):
+    """Plain steps until told otherwise, then 2 drafts a step."""
+
+    def __init__(self):
+        super().__init__(ControllerConfig(2))
+        self.k = 0
+
+    def choose(self, batch):
+        self.draft_seqs = None
+        return self.k
+
+
+def test_plain_steps_leave_the_fc_to_the_next_draft(tiny_engine_factory, tiny_drafter_path, plain):
+    # the drafter keeps the target's raw aux rows of plain steps and fuses them (fc) only when it
+    # extends over them: a sequence that never drafts again never pays the fc for its decode rows
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=2, spec_policy="adaptive",
+                                 enable_prefix_caching=False)
+    ctrl = engine.spec.controller = PlainThenDraft()
+    drafter, proposer = engine.drafter, engine.spec.proposer
+    fused = []  # rows per fc call
+    inner = drafter.fuse_aux
+    drafter.fuse_aux = lambda aux: fused.append(sum(a.shape[0] for a in aux)) or inner(aux)
+    engine.add_request("0", PROMPTS[0], PARAMS)
+    prompt_len = len(engine.scheduler.waiting[0].token_ids)
+    engine.step()  # prefill: the drafter extends over the prompt at once (all but its last row)
+    assert fused == [prompt_len - 1]
+    for _ in range(5):
+        engine.step()
+    assert fused == [prompt_len - 1]  # plain decode steps: no fc
+    state = proposer.states["0"]
+    width = len(drafter.aux_layers_for(engine.model.num_layers)) * engine.model.hidden_size
+    assert state.num_pending == 6 and all(p.shape[1] == width for p in state.pending)
+    ctrl.k = 2
+    engine.step()  # the draft extends over the 6 pending positions: one fc over exactly those
+    assert fused == [prompt_len - 1, 6]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.id] = out.token_ids
+    assert done["0"] == plain["0"]
