@@ -14,8 +14,8 @@ export PYTHONPATH=".:/tmp/eyas-site"
 
 W=/tmp/eyas-drafter
 cat data/prompts/train.jsonl data/prompts/topics.jsonl data/prompts/self.jsonl data/prompts/self-1.jsonl \
-  data/prompts/ask.jsonl data/prompts/ask-1.jsonl \
-  > /tmp/eyas-prompts.jsonl  # 25,206 prompts
+  data/prompts/ask.jsonl data/prompts/ask-1.jsonl data/prompts/forms.jsonl \
+  > /tmp/eyas-prompts.jsonl  # 30,517 prompts
 timeout "${T_TRAIN:-240}" python3 -m eyas.cli train-drafter --target smollm2-135m-instruct \
   --prompts /tmp/eyas-prompts.jsonl --out $W --device cuda --samples-per-prompt "${SAMPLES:-1}" \
   --temperature 0 --extra-sample-temperature 0.8 --max-new-tokens 256 --max-num-seqs 512 \
