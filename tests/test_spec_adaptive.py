@@ -425,8 +425,8 @@ class Recording(SpecController):
         super().__init__(config)
         self.chosen, self.batches = [], []
 
-    def choose(self, batch, context=0):
-        k = super().choose(batch, context)
+    def choose(self, batch):
+        k = super().choose(batch)
         self.chosen.append(k)
         self.batches.append(batch)
         return k
@@ -521,7 +521,7 @@ class FewDrafters(SpecController):
         super().__init__(ControllerConfig(2))
         self.calls = 0
 
-    def choose(self, batch, context=0):
+    def choose(self, batch):
         self.calls += 1
         self.draft_seqs = 2 if self.calls % 3 == 0 else None
         return 2 if self.draft_seqs else 0
@@ -565,10 +565,10 @@ class TimeLog(SpecController):
         super().__init__(ControllerConfig(2))
         self.samples_seen = []
 
-    def choose(self, batch, context=0):
+    def choose(self, batch):
         return 2
 
-    def record_time(self, batch, k, seconds, context=0):
+    def record_time(self, batch, k, seconds):
         self.samples_seen.append(seconds)
 
 
@@ -596,7 +596,7 @@ class AlwaysPlain(SpecController):
     def __init__(self):
         super().__init__(ControllerConfig(2))
 
-    def choose(self, batch, context=0):
+    def choose(self, batch):
         self.draft_seqs = None
         return 0
 
@@ -629,7 +629,7 @@ class PlainOnPrefill(SpecController):
         super().__init__(ControllerConfig(2))
         self.engine = engine
 
-    def choose(self, batch, context=0):
+    def choose(self, batch):
         self.draft_seqs = None
         return 0 if self.engine.scheduler.waiting else 2
 
@@ -650,7 +650,7 @@ class PlainThenDraft(SpecController):
         super().__init__(ControllerConfig(2))
         self.k = 0
 
-    def choose(self, batch, context=0):
+    def choose(self, batch):
         self.draft_seqs = None
         return self.k
 
@@ -683,42 +683,3 @@ def test_plain_steps_leave_the_fc_to_the_next_draft(tiny_engine_factory, tiny_dr
         for out in engine.step():
             done[out.id] = out.token_ids
     assert done["0"] == plain["0"]
-
-
-def _wave_samples(ctrl: SpecController, cost, batch: int = 64) -> None:
-    """Plain steps timed late in waves (context 12k-16k tokens), one-token drafts early (8k):
-    what a closed loop of equal requests gives when drafting is probed at a wave's start."""
-    for i in range(100):
-        ctrl.record_accept(1, 1 if i % 20 < 11 else 0)  # alpha ~0.55: 1.55 tokens a step
-    for ctx in range(8000, 8600, 100):
-        ctrl.record_time(batch, 1, cost(1, ctx), ctx)
-    for ctx in range(12000, 16001, 200):
-        ctrl.record_time(batch, 0, cost(0, ctx), ctx)
-
-
-def test_step_times_are_compared_at_the_same_context():
-    # true step time W_k + a * ctx: plain W = 50 ms, one draft W = 120 ms, a = 10 us a token.
-    # At 8k context drafting is a tie (1.55 tokens in 200 ms vs 1 in 130 ms: plain, within the
-    # margin); at 16k it wins by 16% (280 vs 210 ms). Without the context term, the early cheap
-    # draft samples set against late plain ones make drafting look 60% ahead everywhere.
-    cost = lambda k, ctx: (0.050 if k == 0 else 0.120) + 1e-5 * ctx  # noqa: E731
-    ctrl = SpecController(ControllerConfig(1))
-    _wave_samples(ctrl, cost)
-    assert ctrl.ctx_cost == pytest.approx(1e-5, rel=1e-6)
-    assert ctrl.step_time(64, 0) == pytest.approx(0.050) and ctrl.step_time(64, 1) == pytest.approx(0.120)
-    assert ctrl.choose(64, 8000) == 0
-    assert ctrl.throughput(64, 1, 16000) > 1.1 * ctrl.throughput(64, 0, 16000)
-    blind = SpecController(ControllerConfig(1, context_window=0))  # the context is not modelled
-    _wave_samples(blind, cost)
-    assert blind.ctx_cost == 0 and blind.choose(64, 8000) == 1
-
-
-def test_context_slope_ignores_stalls_and_close_pairs():
-    ctrl = SpecController(ControllerConfig(1))
-    for i, ctx in enumerate(range(1000, 3001, 100)):  # 20 ms + 20 us a token, every 5th step stalls
-        ctrl.record_time(8, 0, 0.020 + 2e-5 * ctx + (0.2 if i % 5 == 3 else 0.0), ctx)
-    assert ctrl.ctx_cost == pytest.approx(2e-5, rel=0.05)
-    flat = SpecController(ControllerConfig(1))
-    for i in range(30):  # contexts within 10% of each other: no slope to take
-        flat.record_time(8, 0, 0.02 + 0.001 * (i % 3), 5000 + i)
-    assert flat.ctx_cost == 0.0

@@ -21,17 +21,6 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   traced run, and drafting one token (226 ms a step, for 1.3 tokens) looked like a gain.
   A bucket's own data come first: a measured k is used as is, and once >= 2 k are measured
   the others lie on the least-squares line through them (the bucket is then "modelled").
-- Context: a step's time also grows with the tokens already in the batch's KV cache (attention
-  reads every key: on this project's CPU a batch-64 plain step went from 110 to 210 ms over one
-  wave of 128 -> 256-token sequences). Samples taken at different points of a wave are not
-  comparable: in a traced c=64 run the plain steps sampled late in waves made t(64, 0) read 160+
-  ms while the engine's plain steps averaged 129, and drafting one token (1.55 tokens for 1.6x a
-  plain step) was chosen for 99 steps. So t(B, k, ctx) = W(B, k) + a * ctx, with ctx the sum of
-  the batch's computed tokens and a (seconds per context token, the same for every k: the keys
-  are read once per sequence however many rows query them) the Theil-Sen slope of plain steps'
-  time against ctx within each bucket (pairs whose ctx differ by >= 10%), pooled over buckets.
-  The medians, lines and borrowing below all work on W = t - a * ctx; a prediction adds a * ctx
-  of the step being chosen. With no context given (ctx 0) the term is 0.
 - A bucket with fewer than two measured k borrows from the modelled buckets, once there are at
   least two of them (one alone shows no trend in batch size). Only the time relative to other
   k matters for the choice, so borrowing is about the shape of t(k):
@@ -123,7 +112,6 @@ class ControllerConfig:
     # be a stale sample from a slow spell of the machine, which is what made drafting look best
     confirm_steps: int = 4
     confirm_every: int = 4
-    context_window: int = 32  # plain steps per bucket whose (ctx, time) pairs give the context slope
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -144,8 +132,6 @@ class ControllerConfig:
             raise ConfigError(f"min_gain must be in [0, 1), got {self.min_gain}")
         if not isinstance(self.probe_seqs, int) or self.probe_seqs < 0:
             raise ConfigError(f"probe_seqs must be an integer >= 0, got {self.probe_seqs!r}")
-        if self.context_window < 0:
-            raise ConfigError(f"context_window must be >= 0, got {self.context_window}")
         if self.confirm_steps < 0 or self.confirm_every < 2:
             raise ConfigError(f"need confirm_steps >= 0 and confirm_every >= 2, got {self.confirm_steps}, "
                               f"{self.confirm_every}")
@@ -199,9 +185,7 @@ class SpecController:
         self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> median seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
         self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> median batch of the window
-        self.window: dict[tuple[int, int], deque] = {}  # (bucket, k) -> recent (seconds, batch, ctx)
-        self.plain_ctx: dict[int, deque] = {}  # bucket -> recent plain steps' (ctx, seconds)
-        self.ctx_cost = 0.0  # a: seconds per context token of a step (see the module doc)
+        self.window: dict[tuple[int, int], deque] = {}  # (bucket, k) -> recent (seconds, batch)
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
         self.best: dict[int, int] = {}  # bucket -> current best k
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
@@ -309,9 +293,9 @@ class SpecController:
         (k0, t0), = known.items()  # own_time covers >= 2 measured k
         return t0 * guess / self.borrowed_time(bucket, k0, batch)
 
-    def throughput(self, batch: int, k: int, context: int = 0) -> Optional[float]:
+    def throughput(self, batch: int, k: int) -> Optional[float]:
         t = self.step_time(bucket_of(batch), k, batch)
-        return None if t is None else batch * self.expected_tokens(k) / (t + self.ctx_cost * context)
+        return None if t is None else batch * self.expected_tokens(k) / t
 
     # ----------------------------------------------------------------- choose
     def first_probe(self, bucket: int) -> int:
@@ -322,17 +306,16 @@ class SpecController:
             return min(self.config.extrapolated_probe, self.config.probe_every)
         return self.config.probe_every
 
-    def choose(self, batch: int, context: int = 0) -> int:
-        """Draft tokens per sequence for a step with `batch` decoding sequences holding `context`
-        computed tokens in all (0: don't draft)."""
+    def choose(self, batch: int) -> int:
+        """Draft tokens per sequence for a step with `batch` decoding sequences (0: don't draft)."""
         self.draft_seqs = None
         if batch <= 0:
             return 0
-        k = self._choose(batch, context)
+        k = self._choose(batch)
         self.choices[k] = self.choices.get(k, 0) + 1
         return k
 
-    def _choose(self, batch: int, context: int = 0) -> int:
+    def _choose(self, batch: int) -> int:
         b = bucket_of(batch)
         known = self.times.get(b, {})
         n = self.steps[b] = self.steps.get(b, 0) + 1
@@ -340,7 +323,7 @@ class SpecController:
             for k in (self.config.max_tokens, 0):  # two measured points before any model
                 if k not in known:
                     return k
-        rates = {k: self.throughput(batch, k, context) for k in self.candidates}
+        rates = {k: self.throughput(batch, k) for k in self.candidates}
         best = max(self.candidates, key=rates.get)
         if best != 0 and rates[best] < (1 + self.config.min_gain) * rates[0]:
             best = 0  # within the margin: plain decoding
@@ -364,8 +347,7 @@ class SpecController:
             # a shape's first timed step pays one-time costs (kernel selection, allocations) that
             # say nothing about later probes: only repeat probes count against the budget
             timed_before = self.samples.get((b, k), 0) > 0
-            self.probe_baseline = (self.step_time(b, best, batch) + self.ctx_cost * context
-                                   if timed_before else None)
+            self.probe_baseline = self.step_time(b, best, batch) if timed_before else None
             if best == 0 and self.config.probe_seqs and (timed_before or self.sources(b)):
                 # plain decoding is best and this k has a time (its own, or borrowed from other
                 # batch sizes): the probe is for acceptance, which a few sequences measure as
@@ -391,46 +373,19 @@ class SpecController:
         return others[(p // 2) % len(others)]
 
     # ----------------------------------------------------------------- record
-    def record_time(self, batch: int, k: int, seconds: float, context: int = 0) -> None:
-        """A step with `batch` decoding sequences (and no prefill) holding `context` computed
-        tokens in all, drafting k, took `seconds`."""
+    def record_time(self, batch: int, k: int, seconds: float) -> None:
+        """A step with `batch` decoding sequences (and no prefill) drafting k took `seconds`."""
         if batch <= 0 or seconds <= 0:
             return
         b = bucket_of(batch)
-        self.times.setdefault(b, {})
+        known = self.times.setdefault(b, {})
         n = self.samples[(b, k)] = self.samples.get((b, k), 0) + 1
         recent = self.window.setdefault((b, k), deque(maxlen=self.config.time_window))
         if n == 2:  # the first step of a shape pays one-time costs (kernel selection, allocations)
             recent.clear()
-        recent.append((seconds, batch, context))
-        self.batch_at[(b, k)] = median(x for _, x, _ in recent)  # where in the bucket (times grow with it)
-        if k == 0 and context > 0 and self.config.context_window and n >= 2:
-            self.plain_ctx.setdefault(b, deque(maxlen=self.config.context_window)).append((context, seconds))
-            cost = self.context_slope()
-            if cost != self.ctx_cost:  # every median is of times less the context term
-                self.ctx_cost = cost
-                for key in self.window:
-                    self._refresh(*key)
-                return
-        self._refresh(b, k)
-
-    def _refresh(self, b: int, k: int) -> None:
-        """times[b][k]: the median of the window's times less their context term (W(B, k))."""
-        a = self.ctx_cost
-        self.times[b][k] = median(max(t - a * c, 1e-6) for t, _, c in self.window[(b, k)])
-
-    def context_slope(self) -> float:
-        """Seconds per context token: the median slope of time against context over pairs of
-        plain steps in one bucket whose contexts differ by >= 10% (Theil-Sen: a stalled step
-        moves few of the slopes), pooled over buckets; >= 0, and 0 without such pairs."""
-        slopes = []
-        for pairs in self.plain_ctx.values():
-            pts = list(pairs)
-            for i, (c1, t1) in enumerate(pts):
-                for c2, t2 in pts[i + 1:]:
-                    if abs(c2 - c1) >= 0.1 * max(c1, c2):
-                        slopes.append((t2 - t1) / (c2 - c1))
-        return max(median(slopes), 0.0) if slopes else 0.0
+        recent.append((seconds, batch))
+        known[k] = median(t for t, _ in recent)
+        self.batch_at[(b, k)] = median(x for _, x in recent)  # where in the bucket (times grow with it)
 
     def record_step(self, seconds: float) -> None:
         """Every step this controller chose (timed or not: prefill, catch-up) took `seconds`;

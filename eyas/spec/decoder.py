@@ -77,10 +77,8 @@ class SpecDecoder:
         eng = self.engine
         start = time.perf_counter()
         k = self.num_steps if self.drafting else 0
-        context = 0  # computed tokens of the running sequences: attention's share of a step's time
         if self.controller is not None and self.drafting:
-            context = sum(s.num_computed_tokens for s in eng.scheduler.running)
-            k = self.controller.choose(len(eng.scheduler.running), context)
+            k = self.controller.choose(len(eng.scheduler.running))
         plan = eng.scheduler.schedule(lookahead=k)
         for seq in plan.preempted:
             self.proposer.drop(seq)
@@ -141,7 +139,7 @@ class SpecDecoder:
             eng.allocator.truncate(seq, len(seq))
             eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq) if self.drafting else None)
         if self.controller is not None and self.drafting:
-            self._record(items, drafts, out, k, start, catch_up, context)
+            self._record(items, drafts, out, k, start, catch_up)
             self._extend_prompts(items, drafts)
         return outputs
 
@@ -189,8 +187,7 @@ class SpecDecoder:
                 items[i].num_draft_tokens = 0
         return [i for i in spec_idx if i in keep]
 
-    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, catch_up: int,
-                context: int) -> None:
+    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, catch_up: int) -> None:
         """Feed the controller this step's acceptance, its time (every step, for the exploration
         budget) and, for pure decode steps where every sequence drafted k, its time as a sample
         of t(batch, k): with the drafter's catch-up over positions of earlier plain steps taken
@@ -214,4 +211,4 @@ class SpecDecoder:
                 seconds -= ext_s * (1 - typical / rows)
         elif catch_up > self.num_steps + 1:  # catch-up not measured: not a typical step
             return
-        self.controller.record_time(len(items), k, seconds, context)
+        self.controller.record_time(len(items), k, seconds)
