@@ -6,7 +6,7 @@
 Runs the eval prompts one at a time (chat template, batch 1, greedy, EOS ignored) through a plain engine and
 through fixed-policy speculative engines (chain K=2, chain K=5, trees), with wall-clock timers
 around the proposer's `propose` and the target's `execute`. Prints mean milliseconds per step of
-each and the output tokens per second. Eager steps on CPU unless --compile. With several
+each and the output tokens per second. Eager steps on CPU unless flags say otherwise. With several
 --spec-dtypes, every drafting setting runs once per drafter dtype.
 """
 from __future__ import annotations
@@ -58,8 +58,6 @@ def main(argv=None) -> int:
     ap.add_argument("--num-threads", type=int, default=2)
     ap.add_argument("--settings", help="labels to run, split at ';' (default all)")
     ap.add_argument("--spec-dtypes", default="auto", help="drafter dtypes, comma-separated (default auto)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the decode/verify and chain draft steps (batch bucket 1 only)")
     args = ap.parse_args(argv)
     labels = [x.strip() for x in args.settings.split(";")] if args.settings else list(SETTINGS)
     unknown = [x for x in labels if x not in SETTINGS]
@@ -83,8 +81,6 @@ def main(argv=None) -> int:
         kw = {} if spec is None else dict(spec, spec_policy="fixed", spec_dtype=dtype)
         if dtype is not None and len(dtypes) > 1:
             label = f"{label} ({dtype})"
-        if args.compile:
-            kw.update(eager=False, max_num_seqs=1, max_model_len=512)  # few graphs to compile
         llm = LLM(args.model, draft=None if spec is None else args.draft, num_threads=args.num_threads, **kw)
         llm.generate(requests[:1], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), chat=True)  # warm-up
         eng = llm.engine

@@ -6,6 +6,8 @@ Per sequence the proposer keeps `DraftState`:
   pending - the target's aux rows [m, n_aux * Ht] for positions [dstart, dstart + m), fused
             (fc) only when the drafter extends over them: at large batches the controller runs
             plain steps for long stretches, and a sequence that never drafts never pays the fc.
+            The price is memory: n_aux rows in the target's dtype per pending position instead of
+            one in the drafter's, for the positions since the sequence's last extend.
 Invariant: dstart + m == seq.num_computed_tokens (the target's computed length).
 
 Drafter position p takes (feature of target position p, embedding of token p+1) and predicts
