@@ -104,7 +104,7 @@ def request_key(text: str) -> str:
 def eval_key(text: str) -> str:
     """What no training request may share with an evaluation prompt: its first 36 characters,
     case and spacing aside (so an eval prompt's opening words, not just its whole text, stay out)."""
-    return " ".join(text.lower().split())[:36]
+    return request_key(text)[:36]
 
 
 def keep_request(text: str, finish_reason: str, seen: set[str], banned: set[str],

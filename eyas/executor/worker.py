@@ -30,7 +30,7 @@ from eyas.executor import protocol
 from eyas.serve.v1 import worker_pb2 as pb
 from eyas.spec.tree import TreeDraft, move_kv
 from eyas.workers.input_batch import SeqSpan
-from eyas.workers.target_step import StepItem, run_target_step
+from eyas.workers.target_step import StepItem, kept_aux_rows, run_target_step
 
 log = logging.getLogger("eyas.worker")
 
@@ -179,8 +179,7 @@ class TargetWorker:
         if not first:
             return reply
         if plan.send_features and self.spec.drafter_rank is not None:
-            rows = torch.as_tensor([r for rows in out.feature_rows for r in rows], device=self.device)
-            self.sends.send(torch.cat(result.aux, dim=-1).index_select(0, rows), self.spec.drafter_rank)
+            self.sends.send(kept_aux_rows(out, result.aux), self.spec.drafter_rank)
         for i in range(len(items)):
             reply.items.add(token_ids=out.tokens[i] or [], num_valid=out.num_valid[i], accepted=out.accepted[i],
                             logprobs_json=protocol.logprobs_to_json(out.logprobs[i]))

@@ -25,7 +25,7 @@ from eyas.spec.proposer import Draft, Proposer
 from eyas.spec.tree import TreeDraft, move_kv
 from eyas.workers.input_batch import SeqSpan
 from eyas.workers.model_runner import ModelRunner
-from eyas.workers.target_step import StepItem, StepOutcome, run_target_step
+from eyas.workers.target_step import StepItem, StepOutcome, kept_aux_rows, run_target_step
 
 if TYPE_CHECKING:
     from eyas.engine import LLMEngine
@@ -50,11 +50,9 @@ class LocalTarget:
             dev = self.runner.device
             move_kv(self.kv_caches, torch.tensor(out.move_src, device=dev), torch.tensor(out.move_dst, device=dev))
         if self.capture_features:
-            # the kept rows only (a verify step keeps the accepted ones), gathered once for all
-            # items and split into views per item; the proposer fuses them (fc) when it extends
-            flat = torch.tensor([r for rows in out.feature_rows for r in rows], dtype=torch.long)
-            flat = flat.to(self.runner.device)
-            picked = torch.cat([a.index_select(0, flat) for a in result.aux], dim=-1)  # [n, n_aux * Ht]
+            # gathered once for all items, split into views per item; the proposer fuses them
+            # (fc) when it extends
+            picked = kept_aux_rows(out, result.aux)  # [n, n_aux * Ht]
             out.features = list(picked.split([len(rows) for rows in out.feature_rows]))
         return out
 

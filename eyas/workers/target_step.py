@@ -104,3 +104,12 @@ def run_target_step(runner: ModelRunner, items: list[StepItem],
         out.accepted[i] = len(tokens) - 1  # the last token is the correction or bonus
         out.num_valid[i] += out.accepted[i]
     return out, result
+
+
+def kept_aux_rows(out: StepOutcome, aux: list[torch.Tensor]) -> torch.Tensor:
+    """The aux hidden states (each [T, H]) of every item's feature rows, side by side and in item
+    order: [sum num_valid, n_aux * H], what the drafter keeps (gathered before the concat, so a
+    verify step copies only its accepted rows)."""
+    flat = torch.tensor([r for rows in out.feature_rows for r in rows], dtype=torch.long)
+    flat = flat.to(aux[0].device)
+    return torch.cat([a.index_select(0, flat) for a in aux], dim=-1)
