@@ -1,9 +1,9 @@
 """Where a speculative step's time goes: the drafter's propose vs the target's verify, per setting.
 
     python bench/spec_step_breakdown.py --draft smollm2-135m-instruct-eagle3 --prompts 6 --max-tokens 96 \
-        [--settings "plain;tree 5x4, 4 tokens"] [--spec-dtypes float32,bfloat16]
+        [--settings "plain;tree 5x4, 4 tokens"] [--spec-dtypes float32,bfloat16] [--batch 4]
 
-Runs the eval prompts one at a time (chat template, batch 1, greedy, EOS ignored) through a plain engine and
+Runs the eval prompts `--batch` at a time (chat template, batch 1 by default, greedy, EOS ignored) through a plain engine and
 through fixed-policy speculative engines (chain K=2, chain K=5, trees), with wall-clock timers
 around the proposer's `propose` and the target's `execute`. Prints mean milliseconds per step of
 each and the output tokens per second. Eager steps on CPU unless flags say otherwise. With several
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=6, help="prompts to run (the file's first ones)")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--num-threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="prompts run together (one generate call)")
     ap.add_argument("--settings", help="labels to run, split at ';' (default all)")
     ap.add_argument("--spec-dtypes", default="auto", help="drafter dtypes, comma-separated (default auto)")
     args = ap.parse_args(argv)
@@ -87,15 +88,16 @@ def main(argv=None) -> int:
         propose = Timer(eng.spec.proposer, "propose") if spec is not None else None
         verify = Timer(eng.spec.target, "execute") if spec is not None else None
         steps0, wall, tokens = eng.num_steps, 0.0, 0
-        for request in requests:  # one at a time: batch 1
+        for i in range(0, len(requests), args.batch):  # --batch at a time
             start = time.perf_counter()
-            out = llm.generate([request], params, chat=True)[0]
+            outs = llm.generate(requests[i:i + args.batch], params, chat=True)
             wall += time.perf_counter() - start
-            tokens += len(out.token_ids)
+            tokens += sum(len(out.token_ids) for out in outs)
         steps = eng.num_steps - steps0
         propose_ms = "-" if propose is None else f"{propose.ms_per_call():.1f}"
         verify_ms = f"{1000 * wall / steps:.1f} (whole step)" if verify is None else f"{verify.ms_per_call():.1f}"
-        print(f"| {label} | {propose_ms} | {verify_ms} | {steps} | {tokens / steps:.2f} | {tokens / wall:.1f} |",
+        per_seq = tokens / steps / min(args.batch, len(requests))  # tokens per sequence per step
+        print(f"| {label} | {propose_ms} | {verify_ms} | {steps} | {per_seq:.2f} | {tokens / wall:.1f} |",
               flush=True)
         del llm
     return 0

@@ -568,7 +568,7 @@ class TimeLog(SpecController):
     def choose(self, batch):
         return 2
 
-    def record_time(self, batch, k, seconds):
+    def record_time(self, batch, k, seconds, context=None):
         self.samples_seen.append(seconds)
 
 
@@ -683,3 +683,68 @@ def test_plain_steps_leave_the_fc_to_the_next_draft(tiny_engine_factory, tiny_dr
         for out in engine.step():
             done[out.id] = out.token_ids
     assert done["0"] == plain["0"]
+
+
+def _wave_samples(ctrl: SpecController, cost, batch: int = 64) -> None:
+    """Plain steps timed late in waves (context 12k-16k tokens), one-token drafts early (8k):
+    what a closed loop of equal requests gives when drafting is probed at a wave's start."""
+    for i in range(100):
+        ctrl.record_accept(1, 1 if i % 20 < 11 else 0)  # alpha ~0.55: 1.55 tokens a step
+    for ctx in range(8000, 8600, 100):
+        ctrl.record_time(batch, 1, cost(1, ctx), ctx)
+    for ctx in range(12000, 16001, 200):
+        ctrl.record_time(batch, 0, cost(0, ctx), ctx)
+
+
+def test_step_times_are_compared_at_the_same_context():
+    # true step time W_k + a * ctx: plain W = 50 ms, one draft W = 120 ms, a = 10 us a token.
+    # A draft step costs 1.53x a plain one at 8k context and 1.33x at 16k: at 1.55 tokens a step,
+    # a near tie at the contexts the drafts were timed. Set side by side as they are, the early
+    # cheap drafts (203 ms) against late plain steps (206 ms) make drafting look 60% ahead.
+    cost = lambda k, ctx: (0.050 if k == 0 else 0.120) + 1e-5 * ctx  # noqa: E731
+    ctrl = SpecController(ControllerConfig(1))
+    _wave_samples(ctrl, cost)
+    assert ctrl.step_time(64, 0) == pytest.approx(cost(0, 16000))  # at the latest context
+    ratio = ctrl.step_time(64, 1) / ctrl.step_time(64, 0)
+    assert ratio == pytest.approx(cost(1, 8200) / cost(0, 8200), rel=0.02)  # as timed, not 0.98
+    assert ctrl.choose(64) == 0
+    blind = SpecController(ControllerConfig(1, by_context=False))
+    _wave_samples(blind, cost)
+    assert blind.step_time(64, 1) < blind.step_time(64, 0) and blind.choose(64) == 1
+
+
+def test_each_bucket_has_its_own_context_line():
+    # batch 64 steps grow steeply with the context, batch 4 steps hardly: a line pooled over
+    # buckets would make batch 4's plain steps look dear at a context beyond its samples
+    ctrl = SpecController(ControllerConfig(1))
+    for ctx in range(8000, 16001, 500):
+        ctrl.record_time(64, 0, 0.010 + 1.2e-5 * ctx, ctx)
+    for ctx in range(500, 1001, 50):
+        ctrl.record_time(4, 0, 0.025 + 1e-7 * ctx, ctx)
+        ctrl.record_time(4, 1, 0.045 + 1e-7 * ctx, ctx)
+    assert ctrl.lines[64].fit()[2] == pytest.approx(1.2e-5, rel=0.01)
+    assert ctrl.lines[4].fit()[2] == pytest.approx(1e-7, rel=0.01)
+    assert ctrl.step_time(4, 1) / ctrl.step_time(4, 0) == pytest.approx(0.045 / 0.025, rel=0.01)
+
+
+def test_samples_without_a_context_use_the_raw_median():
+    ctrl = SpecController(ControllerConfig(2))
+    for t in (0.9, 0.10, 0.12, 0.11):
+        ctrl.record_time(8, 0, t)
+    assert ctrl.step_time(8, 0) == pytest.approx(0.11) and not ctrl.lines
+
+
+def test_larger_trees_follow_the_acceptance_of_smaller_ones():
+    # 8-node trees learnt on hard prompts (1 token), then only 4-node trees are drafted, on easy
+    # prompts (3 tokens, and their ranks show 2-node trees get 2): size 8 must not stay at 1
+    ctrl = SpecController(ControllerConfig(max_tokens=8, tree=True))
+    for _ in range(50):
+        ctrl.record_accept(8, 0, [])
+    assert ctrl.expected_tokens(8) == pytest.approx(1.0)
+    for _ in range(200):
+        ctrl.record_accept(4, 2, [0, 2])
+    assert ctrl.expected_tokens(2) == pytest.approx(2.0, abs=0.01)
+    assert ctrl.expected_tokens(4) == pytest.approx(3.0, abs=0.01)
+    # size 8 moved with size 4 (it would have stayed at 1.0 before) and reads no lower than it
+    assert ctrl.tree_tokens[8] == pytest.approx(3.0, abs=0.01)
+    assert ctrl.expected_tokens(6) == pytest.approx(3.0, abs=0.01)  # learnt at 1.0 from the 8s, moved too

@@ -13,12 +13,25 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   the best m nodes of a larger one (the search ranks parents before children), so one verified
   tree of n nodes also says what every m <= n would have accepted: the accepted path's nodes of
   rank < m (exact for greedy requests; for sampled ones an estimate, since a smaller budget
-  draws its tree from the generator in another order).
+  draws its tree from the generator in another order). Sizes above the one drafted learn
+  nothing from it, but they shift with it: acceptance varies a lot from prompt to prompt, and a
+  traced c=1 run held 1.84 tokens for size 8 (learnt on hard prompts) against 2.36 for size 6
+  (drafted later, on easy ones), so it kept away from 8-node trees. So a larger size's mean moves
+  by as much as the largest drafted size's mean did, and a size never reads below a smaller one.
 - time(B, k): the median of the last `time_window` measured step times (draft + verify) per
   batch bucket (powers of two) and k (the first sample, which pays one-time costs, is dropped
   once a second arrives). A median, because on a shared CPU a stalled step can take several
   times the usual: with a moving average, such outliers inflated t(16, 0) from 128 to 202 ms in a
   traced run, and drafting one token (226 ms a step, for 1.3 tokens) looked like a gain.
+- Samples are compared at the same context (`by_context`): a step's time grows with the tokens
+  its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
+  of 128 -> 256-token sequences), so the medians of raw samples compared plain steps timed late in
+  waves with drafts timed early, and a traced c=64 run drafted one token for 99 steps at a loss.
+  Each bucket keeps a line of plain-step time against the context (`ContextLine`: binned, robust,
+  at most proportional), each sample becomes its ratio to that line at the sample's context, and
+  time(B, k) is the median ratio times the line at the bucket's latest context. A first attempt
+  modelled t = W(B, k) + a * ctx with one slope for all buckets and was reverted: the slope, mostly
+  from batch 64, made plain steps of smaller batches look dear.
   A bucket's own data come first: a measured k is used as is, and once >= 2 k are measured
   the others lie on the least-squares line through them (the bucket is then "modelled").
 - A bucket with fewer than two measured k borrows from the modelled buckets, once there are at
@@ -86,6 +99,7 @@ from statistics import median
 from typing import Optional
 
 from eyas.errors import ConfigError
+from eyas.spec.context_line import ContextLine
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,8 @@ class ControllerConfig:
     # be a stale sample from a slow spell of the machine, which is what made drafting look best
     confirm_steps: int = 4
     confirm_every: int = 4
+    # step times are compared at the same context (a plain-step line per bucket; see above)
+    by_context: bool = True
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -122,8 +138,9 @@ class ControllerConfig:
         if not 2 <= self.probe_every <= self.max_probe_every:
             raise ConfigError(f"need 2 <= probe_every <= max_probe_every, got {self.probe_every}, "
                               f"{self.max_probe_every}")
-        if not isinstance(self.borrow, bool):
-            raise ConfigError(f"borrow must be True or False, got {self.borrow!r}")
+        if not isinstance(self.borrow, bool) or not isinstance(self.by_context, bool):
+            raise ConfigError(f"borrow and by_context must be True or False, got {self.borrow!r}, "
+                              f"{self.by_context!r}")
         if self.extrapolated_probe < 2:
             raise ConfigError(f"need extrapolated_probe >= 2, got {self.extrapolated_probe}")
         if not 0 < self.explore_budget <= 1:
@@ -185,7 +202,9 @@ class SpecController:
         self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> median seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
         self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> median batch of the window
-        self.window: dict[tuple[int, int], deque] = {}  # (bucket, k) -> recent (seconds, batch)
+        self.window: dict[tuple[int, int], deque] = {}  # (bucket, k) -> recent (seconds, batch, context)
+        self.lines: dict[int, ContextLine] = {}  # bucket -> plain-step time against the context
+        self.context: dict[int, Optional[float]] = {}  # bucket -> context of its latest timed step
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
         self.best: dict[int, int] = {}  # bucket -> current best k
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
@@ -209,9 +228,7 @@ class SpecController:
         if k == 0:
             return 1.0
         if self.config.tree:  # a size not seen yet gets at least what a smaller tree got
-            if k in self.tree_tokens:
-                return self.tree_tokens[k]
-            return max([t for m, t in self.tree_tokens.items() if m < k],
+            return max([t for m, t in self.tree_tokens.items() if m <= k],
                        default=1.0 + self.config.prior_accept)
         total, run = 1.0, 1.0
         for j in range(k):
@@ -373,19 +390,34 @@ class SpecController:
         return others[(p // 2) % len(others)]
 
     # ----------------------------------------------------------------- record
-    def record_time(self, batch: int, k: int, seconds: float) -> None:
-        """A step with `batch` decoding sequences (and no prefill) drafting k took `seconds`."""
+    def record_time(self, batch: int, k: int, seconds: float, context: Optional[float] = None) -> None:
+        """A step with `batch` decoding sequences (and no prefill) drafting k took `seconds`;
+        `context`: the tokens its sequences had computed, all together (None: not known)."""
         if batch <= 0 or seconds <= 0:
             return
         b = bucket_of(batch)
-        known = self.times.setdefault(b, {})
         n = self.samples[(b, k)] = self.samples.get((b, k), 0) + 1
         recent = self.window.setdefault((b, k), deque(maxlen=self.config.time_window))
         if n == 2:  # the first step of a shape pays one-time costs (kernel selection, allocations)
             recent.clear()
-        recent.append((seconds, batch))
-        known[k] = median(t for t, _ in recent)
-        self.batch_at[(b, k)] = median(x for _, x in recent)  # where in the bucket (times grow with it)
+        recent.append((seconds, batch, context))
+        if k == 0 and context and self.config.by_context:
+            self.lines.setdefault(b, ContextLine()).add(context, seconds)
+        self.context[b] = context
+        self.batch_at[(b, k)] = median(x for _, x, _ in recent)  # where in the bucket (times grow with it)
+        known = self.times.setdefault(b, {})
+        for j in ([k] if k not in known else []) + list(known):  # every k: the reference context moved
+            known[j] = self.estimate(b, j)
+
+    def estimate(self, b: int, k: int) -> float:
+        """Seconds per step for k in bucket b at the bucket's latest context: the median of its
+        samples' ratios to the plain-step line at their own contexts, times the line there
+        (the raw median where a context or the line is missing)."""
+        recent = self.window[(b, k)]
+        line, now = self.lines.get(b), self.context.get(b)
+        if line is None or not now or any(not c for _, _, c in recent):
+            return median(t for t, _, _ in recent)
+        return median(t / line.at(c) for t, _, c in recent) * line.at(now)
 
     def record_step(self, seconds: float) -> None:
         """Every step this controller chose (timed or not: prefill, catch-up) took `seconds`;
@@ -410,6 +442,11 @@ class SpecController:
                     if m <= drafted:  # the leading path nodes among the best m
                         got[m] = 1.0 + next((j for j, r in enumerate(path_ranks) if r >= m),
                                             len(path_ranks))
+            top = max(got)
+            shift = 0.05 * (got[top] - self.tree_tokens[top]) if top in self.tree_tokens else 0.0
+            for m, old in self.tree_tokens.items():
+                if m > top:  # not observed: follows the level of the largest observed size
+                    self.tree_tokens[m] = old + shift
             for m, tokens in got.items():
                 old = self.tree_tokens.get(m)
                 self.tree_tokens[m] = tokens if old is None else 0.95 * old + 0.05 * tokens

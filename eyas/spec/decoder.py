@@ -83,6 +83,7 @@ class SpecDecoder:
         if not plan:
             return []
         items = plan.items
+        context = sum(it.seq.num_computed_tokens for it in items)  # keys the step attends over
         spec_idx = [i for i, it in enumerate(items) if it.num_draft_tokens > 0]
         few = self.controller.draft_seqs if self.controller is not None else None  # an acceptance probe
         if few is not None:
@@ -137,7 +138,7 @@ class SpecDecoder:
             eng.allocator.truncate(seq, len(seq))
             eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq) if self.drafting else None)
         if self.controller is not None and self.drafting:
-            self._record(items, drafts, out, k, start, catch_up)
+            self._record(items, drafts, out, k, start, catch_up, context)
             self._extend_prompts(items, drafts)
         return outputs
 
@@ -185,7 +186,8 @@ class SpecDecoder:
                 items[i].num_draft_tokens = 0
         return [i for i in spec_idx if i in keep]
 
-    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, catch_up: int) -> None:
+    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, catch_up: int,
+                context: int) -> None:
         """Feed the controller this step's acceptance, its time (every step, for the exploration
         budget) and, for pure decode steps where every sequence drafted k, its time as a sample
         of t(batch, k): with the drafter's catch-up over positions of earlier plain steps taken
@@ -209,4 +211,4 @@ class SpecDecoder:
                 seconds -= ext_s * (1 - typical / rows)
         elif catch_up > self.num_steps + 1:  # catch-up not measured: not a typical step
             return
-        self.controller.record_time(len(items), k, seconds)
+        self.controller.record_time(len(items), k, seconds, context)
