@@ -748,3 +748,23 @@ def test_larger_trees_follow_the_acceptance_of_smaller_ones():
     # size 8 moved with size 4 (it would have stayed at 1.0 before) and reads no lower than it
     assert ctrl.tree_tokens[8] == pytest.approx(3.0, abs=0.01)
     assert ctrl.expected_tokens(6) == pytest.approx(3.0, abs=0.01)  # learnt at 1.0 from the 8s, moved too
+
+
+def _tie_ish(ctrl: SpecController, spread: float) -> int:
+    """Plain steps 100 ms, one-token drafts 130 ms for 1.5 tokens: drafting predicted 15% ahead,
+    each median over five samples spread by +-spread (two samples each side)."""
+    for i in range(400):
+        ctrl.record_accept(1, i % 2)  # alpha 0.5
+    for k, t in ((0, 0.100), (1, 0.130)):
+        for x in (0.0, -2 * spread, -spread, 0.0, spread, 2 * spread):  # the first one is dropped
+            ctrl.record_time(8, k, t * (1 + x))
+    return ctrl.choose(8)
+
+
+def test_the_margin_grows_with_the_noise_of_the_samples():
+    assert _tie_ish(SpecController(ControllerConfig(1)), 0.01) == 1  # quiet: 15% clears 10% + 1.4%
+    assert _tie_ish(SpecController(ControllerConfig(1)), 0.10) == 0  # 15% < 10% + 14%
+    ctrl = SpecController(ControllerConfig(1))
+    _tie_ish(ctrl, 0.10)
+    assert ctrl.noise(8, 1) == pytest.approx(0.10 * 2 ** 0.5)
+    assert _tie_ish(SpecController(ControllerConfig(1, noise_margin=False)), 0.10) == 1

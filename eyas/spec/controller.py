@@ -87,6 +87,12 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   near-tie goes to plain decoding. With a 3% margin a CPU bench drafted at concurrency 4 where
   it lost 11%; where speculation really pays (batch 1 on CPU, small batches on GPU) the
   predicted gain is well above 10%.
+- The margin grows with the measured noise (`noise_margin`): by the relative spread (median
+  absolute deviation over median) of the bucket's samples for k and for plain steps, combined
+  as sqrt(s_k^2 + s_0^2). Choosing the best of noisy estimates favours the one that happens to
+  read high: at batch 16 and 64 on this project's CPU one-token drafts were predicted 8-16%
+  ahead and chosen, and realised parity or a loss. Where the machine is quiet (a GPU's CUDA
+  graphs) the spread is near 0 and the margin stays `min_gain`.
 
 Switching k costs nothing: the scheduler reserves k+1 slots, the proposer drafts k tokens and
 the drafter's features keep flowing while k = 0 (it catches up at the next draft).
@@ -119,6 +125,7 @@ class ControllerConfig:
     extrapolated_probe: int = 4  # first probe of a bucket whose borrowed times are extrapolated
     explore_budget: float = 0.02  # probes' extra time as a share of all step time (1.0: no limit)
     min_gain: float = 0.10  # k > 0 must beat plain decoding's predicted tokens/s by this share
+    noise_margin: bool = True  # ... plus the relative spread of the bucket's samples (see above)
     # a repeat probe while plain decoding is best drafts for this many sequences only (0: all)
     probe_seqs: int = 4
     # once drafting becomes best where plain decoding was, the next `confirm_steps` plain
@@ -138,9 +145,9 @@ class ControllerConfig:
         if not 2 <= self.probe_every <= self.max_probe_every:
             raise ConfigError(f"need 2 <= probe_every <= max_probe_every, got {self.probe_every}, "
                               f"{self.max_probe_every}")
-        if not isinstance(self.borrow, bool) or not isinstance(self.by_context, bool):
-            raise ConfigError(f"borrow and by_context must be True or False, got {self.borrow!r}, "
-                              f"{self.by_context!r}")
+        for name in ("borrow", "by_context", "noise_margin"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.extrapolated_probe < 2:
             raise ConfigError(f"need extrapolated_probe >= 2, got {self.extrapolated_probe}")
         if not 0 < self.explore_budget <= 1:
@@ -342,7 +349,7 @@ class SpecController:
                     return k
         rates = {k: self.throughput(batch, k) for k in self.candidates}
         best = max(self.candidates, key=rates.get)
-        if best != 0 and rates[best] < (1 + self.config.min_gain) * rates[0]:
+        if best != 0 and rates[best] < (1 + self.config.min_gain + self.noise(b, best)) * rates[0]:
             best = 0  # within the margin: plain decoding
         if best != self.best.get(b):  # the choice moved: probe at the base rate again
             if best != 0 and self.best.get(b) == 0 and self.config.confirm_steps:
@@ -409,15 +416,36 @@ class SpecController:
         for j in ([k] if k not in known else []) + list(known):  # every k: the reference context moved
             known[j] = self.estimate(b, j)
 
+    def normalized(self, b: int, k: int) -> tuple[list[float], float]:
+        """The window's samples for k in bucket b as ratios to the plain-step line at their own
+        contexts, and the line at the bucket's latest context (raw seconds and 1.0 where a
+        context or the line is missing)."""
+        recent = self.window[(b, k)]
+        line, now = self.lines.get(b), self.context.get(b)
+        if line is None or not now or any(not c for _, _, c in recent):
+            return [t for t, _, _ in recent], 1.0
+        return [t / line.at(c) for t, _, c in recent], line.at(now)
+
     def estimate(self, b: int, k: int) -> float:
         """Seconds per step for k in bucket b at the bucket's latest context: the median of its
         samples' ratios to the plain-step line at their own contexts, times the line there
         (the raw median where a context or the line is missing)."""
-        recent = self.window[(b, k)]
-        line, now = self.lines.get(b), self.context.get(b)
-        if line is None or not now or any(not c for _, _, c in recent):
-            return median(t for t, _, _ in recent)
-        return median(t / line.at(c) for t, _, c in recent) * line.at(now)
+        ratios, scale = self.normalized(b, k)
+        return median(ratios) * scale
+
+    def noise(self, b: int, k: int) -> float:
+        """Relative spread of bucket b's samples for k and for plain steps, combined (0 unless
+        noise_margin and both have >= 3 samples in their windows)."""
+        if not self.config.noise_margin:
+            return 0.0
+        spreads = []
+        for j in (k, 0):
+            if len(self.window.get((b, j), ())) < 3:
+                return 0.0
+            ratios, _ = self.normalized(b, j)
+            mid = median(ratios)
+            spreads.append(median(abs(r - mid) for r in ratios) / mid)
+        return (spreads[0] ** 2 + spreads[1] ** 2) ** 0.5
 
     def record_step(self, seconds: float) -> None:
         """Every step this controller chose (timed or not: prefill, catch-up) took `seconds`;
