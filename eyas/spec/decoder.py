@@ -83,7 +83,8 @@ class SpecDecoder:
         if not plan:
             return []
         items = plan.items
-        context = sum(it.seq.num_computed_tokens for it in items)  # keys the step attends over
+        # keys the step attends over, for the controller (it compares step times at the same context)
+        context = sum(it.seq.num_computed_tokens for it in items) if self.controller is not None else 0
         spec_idx = [i for i, it in enumerate(items) if it.num_draft_tokens > 0]
         few = self.controller.draft_seqs if self.controller is not None else None  # an acceptance probe
         if few is not None:
