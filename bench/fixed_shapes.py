@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--shapes", default="plain;tree 8;tree 4;chain 5;chain 3")
     ap.add_argument("--num-threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="the target's dtype (default auto: float32 on CPU)")
     args = ap.parse_args(argv)
     shapes = [(x.strip(), shape_fields(x.strip())) for x in args.shapes.split(";") if x.strip()]
 
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     from eyas.config import EngineConfig
     from eyas.engine import LLMEngine
 
-    base = EngineConfig(model=args.model, num_threads=args.num_threads, max_num_seqs=max(args.concurrency, 4))
+    base = EngineConfig(model=args.model, num_threads=args.num_threads, dtype=args.dtype,
+                        max_num_seqs=max(args.concurrency, 4))
     prompts = None
     for label, fields in shapes:
         cfg = base if not fields else base.replace(draft=args.draft, spec_policy="fixed", **fields)

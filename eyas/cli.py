@@ -30,7 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser, with_executor: bool = True) -> N
     g.add_argument("--eager", action="store_true", default=None, help="do not torch.compile (also EYAS_EAGER=1)")
     g.add_argument("--num-threads", type=int)
     g.add_argument("--spec-steps", type=int, help="draft chain length K (tree depth)")
-    g.add_argument("--spec-topk", type=int, help="branching per draft step (>1 drafts a tree)")
+    g.add_argument("--spec-topk", type=int, help="branching per draft step (>1 drafts a tree; "
+                   "with the adaptive policy the controller then picks a tree or a chain per step)")
     g.add_argument("--spec-draft-tokens", type=int, help="tree size budget")
     g.add_argument("--spec-policy", choices=["fixed", "adaptive"])
     g.add_argument("--spec-dtype", help="drafter dtype: auto (bf16 beside an fp32 target on a CPU "

@@ -32,7 +32,9 @@ class SpecConfig:
     steps: int = 5
     topk: int = 1
     draft_tokens: int = 8  # tree budget (topk > 1)
-    policy: str = "adaptive"  # adaptive: the controller picks 0..steps per step (spec/controller.py)
+    # adaptive: the controller picks 0..steps per step (with topk > 1: a tree size or a chain
+    # length; spec/controller.py); fixed: always `steps` (or a tree of draft_tokens)
+    policy: str = "adaptive"
     # the drafter's weights and KV cache: auto = bf16 where the target is fp32 on a CPU with
     # native bf16 (half the weight bytes per draft step), else the target's dtype
     dtype: str = "auto"
@@ -54,9 +56,17 @@ class SpecConfig:
         return self.draft is not None
 
     @property
+    def mixed(self) -> bool:
+        """Adaptive with topk > 1: the controller picks plain steps, trees of up to draft_tokens
+        nodes or chains of up to `steps` tokens, per step (spec/controller.py)."""
+        return self.topk > 1 and self.policy == "adaptive"
+
+    @property
     def num_draft_tokens(self) -> int:
         """Draft tokens verified per sequence per step (the KV lookahead is this + 1)."""
-        return self.steps if self.topk == 1 else self.draft_tokens
+        if self.topk == 1:
+            return self.steps
+        return max(self.draft_tokens, self.steps) if self.mixed else self.draft_tokens
 
 
 @dataclass(frozen=True)

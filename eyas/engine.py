@@ -58,6 +58,8 @@ def step_widths(spec) -> list[int]:
     """Tokens per sequence of the uniform steps this configuration runs (decode, verify)."""
     if not spec.enabled:
         return [1]
+    if spec.mixed:  # chains of 1..steps and trees (padded to draft_tokens + 1)
+        return sorted(set(range(1, spec.steps + 2)) | {spec.draft_tokens + 1})
     if spec.topk > 1:
         return [1, spec.draft_tokens + 1]
     if spec.policy == "adaptive":
@@ -145,7 +147,8 @@ def build_proposer(drafter, target, config: EngineConfig, num_blocks: int, devic
     # the allocator's, never handed out (see spec/tree.py).
     scratch = config.max_num_seqs * (spec.steps - 1) * spec.topk if spec.topk > 1 else 0
     scratch_blocks = -(-scratch // config.block_size)
-    compiled = use_graphs(config, device) and spec.topk == 1 and spec.steps > 1  # chains with steps j >= 1
+    # chains with steps j >= 1 (with topk > 1 only where the adaptive controller also picks chains)
+    compiled = use_graphs(config, device) and (spec.topk == 1 or spec.mixed) and spec.steps > 1
     pad_blocks = 1 if compiled else 0  # after the scratch blocks: padded rows of compiled steps
     layout = KVLayout(drafter.num_kv_heads, drafter.head_dim, 1)
     total_blocks = num_blocks + scratch_blocks + pad_blocks
@@ -166,7 +169,9 @@ def make_controller(spec):
         return None
     from eyas.spec.controller import ControllerConfig, SpecController
 
-    return SpecController(ControllerConfig(spec.num_draft_tokens, tree=spec.topk > 1))
+    if spec.topk > 1:  # trees of up to draft_tokens nodes, and chains of up to `steps` tokens
+        return SpecController(ControllerConfig(spec.draft_tokens, tree=True, chains=spec.steps))
+    return SpecController(ControllerConfig(spec.steps))
 
 
 @dataclass

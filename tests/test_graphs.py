@@ -71,8 +71,8 @@ def record_drafts(engine) -> list[list[list[int]]]:
     proposer, calls = engine.spec.proposer, []
     propose = proposer.propose
 
-    def recording(seqs, num_tokens):
-        drafts = propose(seqs, num_tokens)
+    def recording(seqs, num_tokens, tree=None):
+        drafts = propose(seqs, num_tokens, tree=tree)
         calls.append([d.tokens for d in drafts])
         return drafts
 
@@ -113,8 +113,17 @@ def test_draft_warm_up_writes_only_the_pad_slot(tiny_engine_factory, tiny_drafte
 
 
 def test_tree_drafts_stay_eager(tiny_engine_factory, tiny_drafter_path):
-    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=3, spec_topk=2, **COMPILED)
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=3, spec_topk=2, spec_policy="fixed",
+                                 **COMPILED)
     assert engine.spec.proposer.graphs is None and engine.runner.graphs is not None
+
+
+def test_adaptive_trees_compile_the_chain_steps_they_also_pick(tiny_engine_factory, tiny_drafter_path):
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=3, spec_topk=2, **COMPILED)
+    proposer = engine.spec.proposer
+    assert proposer.graphs is not None and engine.spec.controller.config.chains == 3
+    # the pad slot lies past the tree scratch rows, which still hold every sequence's in-flight nodes
+    assert proposer.graphs.pad_slot >= proposer.scratch_start + engine.config.max_num_seqs * (3 - 1) * 2
 
 
 def test_eager_env_turns_compiling_off(tiny_engine_factory, monkeypatch):

@@ -437,9 +437,9 @@ def test_adaptive_random_drafter_is_lossless_and_backs_off(tiny_engine_factory, 
     ctrl = engine.spec.controller = Recording(ControllerConfig(4, probe_every=8, max_probe_every=8))
     propose = engine.spec.proposer.propose
 
-    def slow_propose(*args):  # drafting costs at least 30 ms a step, so timing noise can't hide it
+    def slow_propose(*args, **kw):  # drafting costs at least 30 ms a step, so timing noise can't hide it
         time.sleep(0.03)
-        return propose(*args)
+        return propose(*args, **kw)
 
     engine.spec.proposer.propose = slow_propose
     for _ in range(2):
@@ -536,9 +536,9 @@ def test_few_drafter_probes_are_lossless_and_draft_for_the_least_backlog(tiny_en
     drafted = []
     propose = proposer.propose
 
-    def recording(seqs, num_tokens):
+    def recording(seqs, num_tokens, tree=None):
         drafted.append(sorted(backlog[s.request_id] for s in seqs))
-        return propose(seqs, num_tokens)
+        return propose(seqs, num_tokens, tree=tree)
 
     proposer.propose = recording
     appended = []  # tokens per append: the probes verify perfect drafts, yet emit one token each
@@ -580,10 +580,10 @@ def test_catch_up_time_is_taken_out_of_the_time_sample(tiny_engine_factory, plai
     assert proposer.time_extend
     propose = proposer.propose
 
-    def slow_catch_up(seqs, num_tokens):  # a catch-up over 100 rows per sequence taking 0.2 s
+    def slow_catch_up(seqs, num_tokens, tree=None):  # a catch-up over 100 rows per sequence taking 0.2 s
         time.sleep(0.2)
         proposer.last_extend = (0.2, 100 * len(seqs))
-        return propose(seqs, num_tokens)
+        return propose(seqs, num_tokens, tree=tree)
 
     proposer.propose = slow_catch_up
     assert run_all(engine, PROMPTS[:1], PARAMS) == {"0": plain["0"]}

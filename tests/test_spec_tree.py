@@ -77,7 +77,7 @@ class PlantedTreeProposer(Proposer):
     def __init__(self, continuations, vocab_size, depth):
         self.continuations, self.vocab_size, self.depth = continuations, vocab_size, depth
 
-    def propose(self, seqs, num_tokens):
+    def propose(self, seqs, num_tokens, tree=None):
         drafts = []
         for seq, n in zip(seqs, num_tokens):
             cont = self.continuations.get(seq.request_id, [])

@@ -81,7 +81,7 @@ def run_level(engine, mode: str, prompts: Sequence[list[int]], concurrency: int,
               temperature: float = 0.0, progress: Optional[bool] = None, extra: Optional[dict] = None) -> LevelResult:
     """One (mode, concurrency) level on a built engine; adds to `extra` the preemptions it caused
     and, with an adaptive controller, `draft_choices`: {k: steps that chose it} (k is the draft
-    length, or the tree size with tree flags)."""
+    length, or with tree flags the tree size, and -k a chain of k tokens)."""
     before = engine.scheduler.num_preemptions
     spec = getattr(engine, "spec", None)
     controller = getattr(spec, "controller", None)

@@ -100,7 +100,7 @@ class RemoteProposer(Proposer):
             self.link.dropped.append(seq.request_id)
         self.sent.pop(seq.request_id, None)
 
-    def propose(self, seqs, num_tokens: list[int]) -> list:
+    def propose(self, seqs, num_tokens: list[int], tree: Optional[bool] = None) -> list:
         link = self.link
         if not link.alive:
             raise DrafterLost("the drafter worker is gone")
@@ -113,7 +113,7 @@ class RemoteProposer(Proposer):
                                       sampling=protocol.sampling_to_pb(seq.params)))
             self.sent[seq.request_id] = len(seq.token_ids)
         try:
-            result = link.group.drafter.call(link.plan(items=items))
+            result = link.group.drafter.call(link.plan(items=items, chain=tree is False))
         except WorkerError as e:
             link.lost(e)
             raise DrafterLost(str(e)) from None

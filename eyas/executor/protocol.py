@@ -16,7 +16,7 @@ from eyas.serve.v1 import worker_pb2 as pb
 from eyas.spec.proposer import Draft
 from eyas.spec.tree import TreeDraft, make_tree_draft
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: DraftPlan.chain (chains from a tree-drafting worker)
 
 
 class ProtocolMismatch(EyasError):

@@ -314,7 +314,8 @@ class DrafterWorker:
                 seq.params = protocol.sampling_from_pb(it.sampling)
                 seq.generator = protocol.generator_for(seq.params)
             seqs.append(seq)
-        drafts = self.proposer.propose(seqs, [it.num_tokens for it in plan.items])
+        drafts = self.proposer.propose(seqs, [it.num_tokens for it in plan.items],
+                                       tree=False if plan.chain else None)
         qs = []
         for d in drafts:
             reply.proposals.append(protocol.draft_to_pb(d))

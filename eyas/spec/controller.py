@@ -94,6 +94,16 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   ahead and chosen, and realised parity or a loss. Where the machine is quiet (a GPU's CUDA
   graphs) the spread is near 0 and the margin stays `min_gain`.
 
+Chains and trees in one candidate set (`chains` > 0 with `tree`): the candidates are keys,
+0 (plain), m > 0 (a tree of m nodes, as above) and -k (a chain of k tokens, 1 <= k <= chains).
+Which shape is best depends on the batch: on this project's CPU a 4-node tree at batch 1 ran
+75.0 tok/s against 63.8 for a 3-token chain (plain 46.2), while at batch 4 one- and two-token
+chains ran 191 tok/s against 178-182 for 2-3-node trees (a tree's verify pays a masked attention
+and its propose a search). Chains learn the per-position rates alpha_j, trees their running
+means; step times are per key, and a key without a time of its own lies on the line through its
+own family's points (plain steps included) by rows verified (|key|), or, with fewer than two of
+those, through all the bucket's points.
+
 Switching k costs nothing: the scheduler reserves k+1 slots, the proposer drafts k tokens and
 the drafter's features keep flowing while k = 0 (it catches up at the next draft).
 """
@@ -135,6 +145,8 @@ class ControllerConfig:
     confirm_every: int = 4
     # step times are compared at the same context (a plain-step line per bucket; see above)
     by_context: bool = True
+    # with tree: also chains of 1..chains tokens, as keys -1..-chains (0: trees only; see above)
+    chains: int = 0
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -156,6 +168,8 @@ class ControllerConfig:
             raise ConfigError(f"min_gain must be in [0, 1), got {self.min_gain}")
         if not isinstance(self.probe_seqs, int) or self.probe_seqs < 0:
             raise ConfigError(f"probe_seqs must be an integer >= 0, got {self.probe_seqs!r}")
+        if not isinstance(self.chains, int) or self.chains < 0 or (self.chains and not self.tree):
+            raise ConfigError(f"chains must be an integer >= 0, and > 0 only with tree, got {self.chains!r}")
         if self.confirm_steps < 0 or self.confirm_every < 2:
             raise ConfigError(f"need confirm_steps >= 0 and confirm_every >= 2, got {self.confirm_steps}, "
                               f"{self.confirm_every}")
@@ -203,6 +217,8 @@ class SpecController:
         self.config = config
         n = config.max_tokens
         self.candidates = [0] + tree_sizes(n) if config.tree else list(range(n + 1))
+        self.candidates += [-k for k in range(1, config.chains + 1)]  # mixed: chains as negative keys
+        n = max(n, config.chains)
         self.reached = [0.0] * n  # position j drafted with all earlier drafts accepted
         self.accepted = [0.0] * n  # ... and accepted
         self.tree_tokens: dict[int, float] = {}  # tree size -> running mean tokens per sequence
@@ -226,6 +242,14 @@ class SpecController:
         self.choices: dict[int, int] = {}  # k -> steps that chose it (bench reports, logs)
 
     # ------------------------------------------------------------------ model
+    def is_tree(self, key: int) -> bool:
+        """Whether a candidate key drafts a tree (else a chain, or nothing for 0)."""
+        return self.config.tree and key > 0
+
+    def label(self, key: int) -> str:
+        """How reports name a key: 'plain', 'chain k' or 'tree m'."""
+        return "plain" if key == 0 else f"{'tree' if self.is_tree(key) else 'chain'} {abs(key)}"
+
     def alpha(self, j: int) -> float:
         c = self.config
         return (self.accepted[j] + c.prior_accept * c.prior_weight) / (self.reached[j] + c.prior_weight)
@@ -234,22 +258,31 @@ class SpecController:
         """Expected tokens a sequence gains in one step that drafts k tokens."""
         if k == 0:
             return 1.0
-        if self.config.tree:  # a size not seen yet gets at least what a smaller tree got
+        if self.is_tree(k):  # a size not seen yet gets at least what a smaller tree got
             return max([t for m, t in self.tree_tokens.items() if m <= k],
                        default=1.0 + self.config.prior_accept)
         total, run = 1.0, 1.0
-        for j in range(k):
+        for j in range(abs(k)):
             run *= self.alpha(j)
             total += run
         return total
 
     def own_time(self, bucket: int, k: int) -> Optional[float]:
         """Seconds per step from the bucket's own data: measured, or on the least-squares line in
-        k once >= 2 k are measured; None otherwise."""
+        rows verified (|k|) once >= 2 k are measured (of k's own family, plain steps included,
+        where it has two; else of all); None otherwise."""
         known = self.times.get(bucket, {})
         if k in known:
             return known[k]
-        return line_fit(known, k) if len(known) >= 2 else None
+        if len(known) < 2:
+            return None
+        family = {abs(j): t for j, t in known.items() if j == 0 or self.is_tree(j) == self.is_tree(k)}
+        if len(family) < 2:
+            family = {}
+            for j, t in known.items():  # a chain and a tree of equal rows: their mean
+                family.setdefault(abs(j), []).append(t)
+            family = {j: sum(ts) / len(ts) for j, ts in family.items()}
+        return line_fit(family, abs(k)) if len(family) >= 2 else next(iter(family.values()))
 
     def batch_behind(self, bucket: int, k: int) -> float:
         """Mean batch size of the steps behind a modelled bucket's time for k (measured k: its
@@ -299,7 +332,7 @@ class SpecController:
         near = b1 if above else b2
         ratio = self.across(batch, b1, b2, k) / t0
         near_ratio = max(self.own_time(near, k) / self.own_time(near, 0), 1.0)
-        lo, hi = (1.0, near_ratio) if above else (near_ratio, max(near_ratio, k + 1.0))
+        lo, hi = (1.0, near_ratio) if above else (near_ratio, max(near_ratio, abs(k) + 1.0))
         return t0 * min(max(ratio, lo), hi)
 
     def step_time(self, bucket: int, k: int, batch: Optional[int] = None) -> Optional[float]:
@@ -384,12 +417,13 @@ class SpecController:
     def probe_choice(self, b: int, best: int) -> int:
         """The candidate a probe in bucket b runs, given the bucket's current best."""
         # nearest first, the deeper one of two: [3, 1, 4, 0, 5] for best 2 of 0..5
-        others = sorted((k for k in self.candidates if k != best), key=lambda k: (abs(k - best), -k))
+        others = sorted((k for k in self.candidates if k != best),
+                        key=lambda k: (abs(abs(k) - abs(best)), -abs(k), -k))
         p = self.probes[b] = self.probes.get(b, 0) + 1
         known = self.times.get(b, {})
         if len(known) == 1:  # a borrowing bucket's first own line in k: make it span widely
             (k0,) = known
-            return max(others, key=lambda k: abs(k - k0))
+            return max(others, key=lambda k: abs(abs(k) - abs(k0)))
         # every other probe a neighbour of the best (the likeliest next best, and the cheapest
         # probe when the best is 0), the others round robin: 3, 1, 1, 4, 3, 0, 1, 5, ...
         if p % 2:
@@ -457,17 +491,18 @@ class SpecController:
             self.debt = max(0.0, self.debt - self.config.explore_budget * seconds)
 
     def record_accept(self, drafted: int, accepted: int,
-                      path_ranks: Optional[list[int]] = None) -> None:
-        """One sequence drafted `drafted` tokens and `accepted` of them were accepted. Trees may
-        add the search ranks of the accepted path's nodes (root first), which also give the
-        tokens every smaller candidate tree would have got."""
+                      path_ranks: Optional[list[int]] = None, tree: Optional[bool] = None) -> None:
+        """One sequence drafted `drafted` tokens and `accepted` of them were accepted; `tree`:
+        whether it was a tree (default: the config's `tree`; with `chains` a chain is False).
+        Trees may add the search ranks of the accepted path's nodes (root first), which also
+        give the tokens every smaller candidate tree would have got."""
         if drafted <= 0:
             return
-        if self.config.tree:
+        if self.config.tree if tree is None else tree:
             got = {drafted: 1.0 + accepted}
             if path_ranks is not None:
-                for m in self.candidates[1:]:
-                    if m <= drafted:  # the leading path nodes among the best m
+                for m in self.candidates:
+                    if 0 < m <= drafted:  # the leading path nodes among the best m
                         got[m] = 1.0 + next((j for j, r in enumerate(path_ranks) if r >= m),
                                             len(path_ranks))
             top = max(got)

@@ -74,9 +74,13 @@ class SpecDecoder:
     def step(self) -> list[RequestOutput]:
         eng = self.engine
         start = time.perf_counter()
-        k = self.num_steps if self.drafting else 0
+        key = self.num_steps if self.drafting else 0
+        tree = None  # None: the proposer's own shape (a fixed policy)
         if self.controller is not None and self.drafting:
-            k = self.controller.choose(len(eng.scheduler.running))
+            # a candidate key: 0 plain, else |key| draft tokens, a tree or a chain (controller.py)
+            key = self.controller.choose(len(eng.scheduler.running))
+            tree = self.controller.is_tree(key)
+        k = abs(key)
         plan = eng.scheduler.schedule(lookahead=k)
         for seq in plan.preempted:
             self.proposer.drop(seq)
@@ -96,7 +100,7 @@ class SpecDecoder:
         if spec_idx:
             try:
                 proposed = self.proposer.propose([items[i].seq for i in spec_idx],
-                                                 [items[i].num_draft_tokens for i in spec_idx])
+                                                 [items[i].num_draft_tokens for i in spec_idx], tree=tree)
                 drafts = dict(zip(spec_idx, proposed))
             except DrafterLost:  # verify the real tokens only; the unused lookahead is truncated
                 self.drafting = False
@@ -139,7 +143,7 @@ class SpecDecoder:
             eng.allocator.truncate(seq, len(seq))
             eng.allocator.commit(seq, limit=self.proposer.valid_prefix(seq) if self.drafting else None)
         if self.controller is not None and self.drafting:
-            self._record(items, drafts, out, k, start, catch_up, context)
+            self._record(items, drafts, out, key, start, catch_up, context)
             self._extend_prompts(items, drafts)
         return outputs
 
@@ -187,29 +191,30 @@ class SpecDecoder:
                 items[i].num_draft_tokens = 0
         return [i for i in spec_idx if i in keep]
 
-    def _record(self, items, drafts: dict, out: StepOutcome, k: int, start: float, catch_up: int,
+    def _record(self, items, drafts: dict, out: StepOutcome, key: int, start: float, catch_up: int,
                 context: int) -> None:
         """Feed the controller this step's acceptance, its time (every step, for the exploration
-        budget) and, for pure decode steps where every sequence drafted k, its time as a sample
-        of t(batch, k): with the drafter's catch-up over positions of earlier plain steps taken
+        budget) and, for pure decode steps where every sequence drafted |key|, its time as a sample
+        of t(batch, key): with the drafter's catch-up over positions of earlier plain steps taken
         out (scaled to the rows a step that drafts every time extends over), so that a probe
         after plain steps measures a typical drafting step."""
         for i, draft in drafts.items():
             ranks, path = getattr(draft, "ranks", None), out.paths.get(i)
             self.controller.record_accept(len(draft.tokens), out.accepted[i],
-                                          [ranks[n] for n in path] if ranks and path is not None else None)
+                                          [ranks[n] for n in path] if ranks and path is not None else None,
+                                          tree=isinstance(draft, TreeDraft))
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
         seconds = time.perf_counter() - start
         self.controller.record_step(seconds)
-        if not (all(it.num_new_tokens == 1 for it in items) and all(it.num_draft_tokens == k for it in items)):
+        if not (all(it.num_new_tokens == 1 for it in items) and all(it.num_draft_tokens == abs(key) for it in items)):
             return
         extend = self.proposer.last_extend
         if extend is not None and drafts:
             ext_s, rows = extend
-            typical = len(drafts) * self.controller.expected_tokens(k)  # rows of a steady drafting step
+            typical = len(drafts) * self.controller.expected_tokens(key)  # rows of a steady drafting step
             if rows > typical:
                 seconds -= ext_s * (1 - typical / rows)
         elif catch_up > self.num_steps + 1:  # catch-up not measured: not a typical step
             return
-        self.controller.record_time(len(items), k, seconds, context)
+        self.controller.record_time(len(items), key, seconds, context)

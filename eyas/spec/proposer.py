@@ -73,7 +73,9 @@ class Proposer:
         [n, n_aux * Ht] (the aux hidden states side by side), or None (then num_rows = n: the
         features went straight to a drafter worker)."""
 
-    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
+    def propose(self, seqs: list[Sequence], num_tokens: list[int], tree: Optional[bool] = None) -> list[Draft]:
+        """Drafts of num_tokens[i] tokens per sequence; `tree`: False drafts chains even where the
+        proposer drafts trees (topk > 1), None its own shape."""
         raise NotImplementedError
 
     def valid_prefix(self, seq: Sequence) -> int:
@@ -231,10 +233,11 @@ class Eagle3Proposer(Proposer):
         return out[inputs.last_index]  # [S, H]
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list:
+    def propose(self, seqs: list[Sequence], num_tokens: list[int], tree: Optional[bool] = None) -> list:
         """Draft num_tokens[i] tokens for each sequence (all sequences are decoding): chains
-        (list[Draft]) when topk == 1, else trees of at most num_tokens[i] nodes (list[TreeDraft])."""
-        if self.topk > 1:
+        (list[Draft]) when topk == 1 or `tree` is False, else trees of at most num_tokens[i]
+        nodes (list[TreeDraft])."""
+        if self.topk > 1 and tree is not False:
             return self._propose_tree(seqs, num_tokens)
         drafter, bs = self.drafter, self.block_size
         last = self._extend(seqs)  # [S, H]
@@ -309,7 +312,7 @@ class ReplayProposer(Proposer):
         self.continuations = continuations
         self.vocab_size = vocab_size
 
-    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Draft]:
+    def propose(self, seqs: list[Sequence], num_tokens: list[int], tree: Optional[bool] = None) -> list[Draft]:
         drafts = []
         for seq, k in zip(seqs, num_tokens):
             cont = self.continuations.get(seq.request_id, [])

@@ -127,18 +127,20 @@ class DraftItem(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., token_offset: _Optional[int] = ..., num_computed: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class DraftPlan(_message.Message):
-    __slots__ = ("version", "step", "observed", "items", "dropped")
+    __slots__ = ("version", "step", "observed", "items", "dropped", "chain")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     version: int
     step: int
     observed: _containers.RepeatedCompositeFieldContainer[Observed]
     items: _containers.RepeatedCompositeFieldContainer[DraftItem]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., observed: _Optional[_Iterable[_Union[Observed, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    chain: bool
+    def __init__(self, version: _Optional[int] = ..., step: _Optional[int] = ..., observed: _Optional[_Iterable[_Union[Observed, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ..., dropped: _Optional[_Iterable[str]] = ..., chain: _Optional[bool] = ...) -> None: ...
 
 class Proposal(_message.Message):
     __slots__ = ("token_ids", "tree", "q_rows")
