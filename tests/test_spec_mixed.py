@@ -117,3 +117,16 @@ def test_switching_between_chains_and_trees_is_lossless(tiny_engine_factory, tin
     # both families learnt from what they verified
     assert ctrl.tree_tokens and sum(ctrl.reached) > 0
 
+
+
+def test_controller_sim_reaches_the_best_fixed_shape_on_a_quiet_machine():
+    from util_scripts import load_script
+
+    sim = load_script("bench/controller_sim.py")
+    cfg = ControllerConfig(max_tokens=8, tree=True, chains=5, by_context=False)
+    run = lambda **kw: sim.simulate(cfg, batch=4, steps=1500, noise=0.0, spell=1.0, seed=0, **kw)  # noqa: E731
+    adaptive, best, plain_rate = run(), run(fixed=-2), run(fixed=0)["rate"]
+    assert best["rate"] > 1.3 * plain_rate  # the 2-token chain is the shape that pays at batch 4
+    assert adaptive["rate"] > 0.93 * best["rate"]
+    steps = sum(adaptive["choices"].values())
+    assert adaptive["choices"][-2] > 0.8 * steps and adaptive["choices"].get(0, 0) < 0.06 * steps

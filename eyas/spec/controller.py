@@ -92,7 +92,14 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   as sqrt(s_k^2 + s_0^2). Choosing the best of noisy estimates favours the one that happens to
   read high: at batch 16 and 64 on this project's CPU one-token drafts were predicted 8-16%
   ahead and chosen, and realised parity or a loss. Where the machine is quiet (a GPU's CUDA
-  graphs) the spread is near 0 and the margin stays `min_gain`.
+  graphs) the spread is near 0 and the margin stays `min_gain`. Its price: the offline
+  simulation (bench/controller_sim.py, 16 seeds, 10% step noise and slow spells) puts the
+  controller at 0.92 of the best fixed shape at batch 4 with it (27% of the steps plain, where
+  a 2-token chain gains 38%) against 0.97 without it, and shows no difference at batch 16 or
+  64. But the simulation leaves out what a draft costs at large batches beyond its step time
+  (the drafter's catch-up, a closed loop's split prefills), and a CPU bench with it off drafted
+  one token for 184 of 430 steps at c=16 and read 0.91 there and 0.88 at c=64 (c=4: 1.17,
+  against 1.15-1.16 with it on), so it stays on.
 
 Chains and trees in one candidate set (`chains` > 0 with `tree`): the candidates are keys,
 0 (plain), m > 0 (a tree of m nodes, as above) and -k (a chain of k tokens, 1 <= k <= chains).
