@@ -13,10 +13,9 @@ from test_engine import PROMPTS, run_all
 from test_spec_adaptive import PARAMS, Recording, plain  # noqa: F401 (fixture)
 
 
-def test_mixed_candidates_keys_and_labels():
+def test_mixed_candidate_keys():
     ctrl = SpecController(ControllerConfig(max_tokens=8, tree=True, chains=3))
     assert ctrl.candidates == [0, 2, 4, 6, 8, -1, -2, -3]
-    assert [ctrl.label(k) for k in (0, -2, 4)] == ["plain", "chain 2", "tree 4"]
     assert [ctrl.is_tree(k) for k in (0, -2, 4)] == [False, False, True]
     with pytest.raises(ConfigError, match="only with tree"):
         ControllerConfig(max_tokens=5, chains=2)

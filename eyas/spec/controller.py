@@ -253,10 +253,6 @@ class SpecController:
         """Whether a candidate key drafts a tree (else a chain, or nothing for 0)."""
         return self.config.tree and key > 0
 
-    def label(self, key: int) -> str:
-        """How reports name a key: 'plain', 'chain k' or 'tree m'."""
-        return "plain" if key == 0 else f"{'tree' if self.is_tree(key) else 'chain'} {abs(key)}"
-
     def alpha(self, j: int) -> float:
         c = self.config
         return (self.accepted[j] + c.prior_accept * c.prior_weight) / (self.reached[j] + c.prior_weight)
