@@ -43,15 +43,23 @@ COST = {  # batch -> key -> step time relative to a plain step (chains -k, trees
 }
 
 
-def sample_accept(rng: random.Random, key: int, ease: float) -> int:
-    """Accepted drafts for one sequence: chains position by position, trees around their mean."""
+def sample_accept(rng: random.Random, key: int, ease: float) -> tuple[int, list[int] | None]:
+    """(accepted drafts, the accepted path's search ranks for a tree) for one sequence: chains
+    position by position; trees around their mean, one uniform draw for every size, so a smaller
+    tree never accepts more than a larger one and the ranks say what each smaller size would have
+    accepted (node j of the path ranks below size m exactly when size m accepts more than j)."""
     if key < 0:
         a = 0
         while a < -key and rng.random() < min(0.95, ALPHAS[a] * ease):
             a += 1
-        return a
-    mean = (TREE_TOKENS[key] - 1.0) * ease  # accepted nodes on average: floor or ceiling
-    return min(key, int(mean) + (rng.random() < mean - int(mean)))
+        return a, None
+    u = rng.random()
+    got = {}
+    for m in sorted(TREE_TOKENS):
+        mean = min(m, (TREE_TOKENS[m] - 1.0) * ease)  # accepted nodes on average: floor or ceiling
+        got[m] = min(m, int(mean) + (u < mean - int(mean)))
+    ranks = [next(m for m in sorted(got) if got[m] > j) - 1 for j in range(got[key])]
+    return got[key], ranks
 
 
 class Fixed(SpecController):
@@ -85,10 +93,10 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
         t = cost[key] * factor
         got = 0
         for _ in range(batch):
-            a = sample_accept(rng, key, ease) if key else 0
+            a, ranks = sample_accept(rng, key, ease) if key else (0, None)
             got += 1 + a
             if key:
-                ctrl.record_accept(abs(key), a, list(range(a)) if key > 0 else None, tree=key > 0)
+                ctrl.record_accept(abs(key), a, ranks, tree=key > 0)
         ctrl.record_time(batch, key, t)
         ctrl.record_step(t)
         tokens += got

@@ -66,6 +66,7 @@ def test_records_contract(bench_run):
         assert r["output_tokens"] == PROMPTS * OUT_LEN  # exactly N tokens per request
         assert r["output_tok_s"] > 0 and r["wall_s"] > 0
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0
+        assert r["steady_tok_s"] > 0
         assert r["speedup_vs_nospec"] == pytest.approx(r["output_tok_s"] / next(
             b["output_tok_s"] for b in records if b["mode"] == "nospec" and b["concurrency"] == r["concurrency"]),
             abs=1e-3)
@@ -75,7 +76,7 @@ def test_records_contract(bench_run):
             assert 1.0 <= r["accept_len"] <= 4.0  # at most K + 1 = 4 tokens per target step
             assert r["spec_steps"] == 3 and r["spec_topk"] == 1
     nospec = [r for r in records if r["mode"] == "nospec"]
-    assert all(r["speedup_vs_nospec"] == 1.0 for r in nospec)
+    assert all(r["speedup_vs_nospec"] == 1.0 and r["steady_speedup_vs_nospec"] == 1.0 for r in nospec)
     assert [r["spec_policy"] for r in records if r["mode"] in ("chain", "adaptive")] == \
         ["fixed", "fixed", "adaptive", "adaptive"]
     for r in records:  # what the adaptive controller chose, per level: {k: steps}
@@ -309,6 +310,32 @@ def test_merged_rounds_sum_the_draft_choices():
     merged = merge_rounds(rounds)
     assert merged.extra["draft_choices"] == {"0": 3, "2": 1, "4": 7}
     assert list(merged.extra["draft_choices"]) == ["0", "2", "4"]
+
+
+def test_steady_rate_leaves_out_the_drain():
+    """Two slots, four 10-token requests. Lockstep (every request 1 s): both rates are 20 tok/s.
+    Staggered (1 s and 2 s requests): the last 2 s of the level run one request only, so the wall
+    rate reads 40 tokens / 4 s, while a server that kept two in flight would deliver 2 x 10 tokens
+    per mean latency 1.5 s."""
+    from eyas.bench.metrics import LevelResult, RequestTiming, level_record
+    from eyas.bench.report import fill_speedups
+
+    def req(start, end):
+        return RequestTiming(submit=start, first_token=start + 0.1, finish=end, output_tokens=10, target_steps=10)
+
+    lockstep = LevelResult("nospec", 2, (req(0, 1), req(0, 1), req(1, 2), req(1, 2)), 2.0)
+    staggered = LevelResult("adaptive", 2, (req(0, 1), req(0, 2), req(1, 2), req(2, 4)), 4.0)
+    records = [level_record(lockstep, 8, 10), level_record(staggered, 8, 10)]
+    fill_speedups(records)
+    base, spec = records
+    assert base["output_tok_s"] == pytest.approx(20.0) and base["steady_tok_s"] == pytest.approx(20.0)
+    assert spec["output_tok_s"] == pytest.approx(10.0)
+    assert spec["steady_tok_s"] == pytest.approx(2 * 10 / 1.5, rel=1e-4)
+    assert spec["speedup_vs_nospec"] == pytest.approx(0.5, abs=1e-3)
+    assert spec["steady_speedup_vs_nospec"] == pytest.approx(2 * 10 / 1.5 / 20, abs=1e-3)
+    # fewer requests than slots: the rate of the requests there were, not of empty slots
+    alone = level_record(LevelResult("nospec", 4, (req(0, 2),), 2.0), 8, 10)
+    assert alone["steady_tok_s"] == pytest.approx(5.0)
 
 
 def test_rounds_must_be_positive():

@@ -1,4 +1,5 @@
-"""results.png: output tok/s and speedup vs nospec against concurrency (log2 x axis), one line per mode."""
+"""results.png: output tok/s and speedup vs nospec against concurrency (log2 x axis), one line per
+mode; the speedup panel also draws the steady-state speedup (dashed, see metrics.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,12 @@ def write_plot(path: Path, records: Sequence[dict], title: str = "") -> None:
         ax_tps.plot(xs, [r["output_tok_s"] for r in rows], marker="o", label=mode)
         sp = [(r["concurrency"], r["speedup_vs_nospec"]) for r in rows if r["speedup_vs_nospec"] is not None]
         if sp:
-            ax_speed.plot(*zip(*sp), marker="o", label=mode)
+            line, = ax_speed.plot(*zip(*sp), marker="o", label=mode)
+            steady = [(r["concurrency"], r.get("steady_speedup_vs_nospec")) for r in rows
+                      if r.get("steady_speedup_vs_nospec") is not None]
+            if steady and mode != "nospec":
+                ax_speed.plot(*zip(*steady), marker="x", ls="--", color=line.get_color(),
+                              label=f"{mode} (steady)")
     ax_speed.axhline(1.0, color="gray", lw=0.8, ls="--")
     for ax, ylabel in ((ax_tps, "output tok/s"), (ax_speed, "speedup vs nospec")):
         ax.set_xscale("log", base=2)

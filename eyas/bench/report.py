@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 
 COLUMNS = (  # (record key, Markdown header)
     ("mode", "mode"), ("concurrency", "concurrency"), ("output_tok_s", "output tok/s"),
-    ("speedup_vs_nospec", "speedup vs nospec"), ("accept_len", "accept len"),
+    ("speedup_vs_nospec", "speedup vs nospec"), ("steady_tok_s", "steady tok/s"),
+    ("steady_speedup_vs_nospec", "steady speedup"), ("accept_len", "accept len"),
     ("tpot_ms", "TPOT ms"), ("ttft_ms", "TTFT ms"), ("num_prompts", "requests"), ("wall_s", "wall s"),
 )
 
@@ -26,11 +27,13 @@ def default_out_dir() -> Path:
 
 
 def fill_speedups(records: list[dict]) -> None:
-    """speedup_vs_nospec = output_tok_s / nospec's at the same concurrency (None without nospec)."""
-    base = {r["concurrency"]: r["output_tok_s"] for r in records if r["mode"] == "nospec"}
-    for r in records:
-        b = base.get(r["concurrency"])
-        r["speedup_vs_nospec"] = round(r["output_tok_s"] / b, 3) if b and r["output_tok_s"] is not None else None
+    """speedup_vs_nospec = output_tok_s / nospec's at the same concurrency, and
+    steady_speedup_vs_nospec the same for steady_tok_s (None without nospec)."""
+    for key, speedup in (("output_tok_s", "speedup_vs_nospec"), ("steady_tok_s", "steady_speedup_vs_nospec")):
+        base = {r["concurrency"]: r.get(key) for r in records if r["mode"] == "nospec"}
+        for r in records:
+            b, x = base.get(r["concurrency"]), r.get(key)
+            r[speedup] = round(x / b, 3) if b and x is not None else None
 
 
 def _fmt(value: Any) -> str:
