@@ -41,6 +41,11 @@ COST = {  # batch -> key -> step time relative to a plain step (chains -k, trees
     16: {0: 1.0, -1: 1.46, -2: 1.9, -3: 2.35, -4: 2.8, -5: 3.25, 2: 2.0, 4: 3.0, 6: 4.0, 8: 5.0},
     64: {0: 1.0, -1: 1.6, -2: 2.2, -3: 2.8, -4: 3.4, -5: 4.0, 2: 2.4, 4: 3.8, 6: 5.2, 8: 6.6},
 }
+# how a step's time grows with the context its sequences attend over (elasticity: the share of the
+# time that doubles when the context doubles): small at batch 1 on CPU (weight reads dominate),
+# about all of it at batch 64 (plain steps went from 110 to 220 ms over a wave of 128 -> 256 tokens)
+ELASTICITY = {1: 0.03, 4: 0.08, 16: 0.3, 64: 0.9}
+PROMPT, WAVE = 128, 64  # prompt tokens; steps per wave of requests (all in flight start together)
 
 
 def sample_accept(rng: random.Random, key: int, ease: float) -> tuple[int, list[int] | None]:
@@ -84,20 +89,21 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
     tokens = elapsed = 0.0
     slow, ease = False, 1.0
     for n in range(steps):
-        if n % 64 == 0:
+        if n % WAVE == 0:
             ease = env.uniform(0.7, 1.2)  # the requests in flight: easier or harder to draft for
         if env.random() < 1 / 150:
             slow = env.random() < 0.33  # on about a quarter of the time, in runs of ~150 steps
         factor = math.exp(env.gauss(0.0, noise)) * (spell if slow else 1.0)
         key = ctrl.choose(batch)
-        t = cost[key] * factor
+        position = PROMPT + 2 * (n % WAVE)  # tokens each sequence has computed, about 2 a step
+        t = cost[key] * factor * (1 + ELASTICITY[batch] * (position / PROMPT - 1))
         got = 0
         for _ in range(batch):
             a, ranks = sample_accept(rng, key, ease) if key else (0, None)
             got += 1 + a
             if key:
                 ctrl.record_accept(abs(key), a, ranks, tree=key > 0)
-        ctrl.record_time(batch, key, t)
+        ctrl.record_time(batch, key, t, batch * position)
         ctrl.record_step(t)
         tokens += got
         elapsed += t
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
         name, _, value = item.partition("=")
         fields[name] = {"True": True, "False": False}.get(value) if value in ("True", "False") else \
             (int(value) if value.lstrip("-").isdigit() else float(value))
-    cfg = ControllerConfig(max_tokens=8, tree=True, chains=5, by_context=False, **fields)
+    cfg = ControllerConfig(max_tokens=8, tree=True, chains=5, **fields)
     def mean_rate(fixed=None):
         runs = [simulate(cfg, args.batch, args.steps, args.noise, args.spell, s, fixed) for s in range(args.seeds)]
         return sum(r["rate"] for r in runs) / len(runs), runs

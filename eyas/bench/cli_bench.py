@@ -9,7 +9,7 @@ from eyas.bench.settings import DEFAULT_CONCURRENCY, MODES, PEERS
 _DESCRIPTION = f"""\
 Closed-loop throughput of plain decoding (nospec) against EAGLE-3 speculation on the same engine.
 At each concurrency c, c clients keep one request in flight each (the next is submitted as soon as
-one finishes) until --num-prompts requests have finished (default max(2c, 8) per level). Prompts
+one finishes) until --num-prompts requests have finished (default max(2c, 32) per level). Prompts
 come from the fixed set in data/prompts, cut or repeated to exactly --input-len tokens; every
 request generates exactly --output-len tokens (EOS ignored). Modes: {', '.join(MODES)}; without
 --draft only nospec runs, and naming another mode is an error. Writes results.json, results.md,
@@ -26,7 +26,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated in-flight request counts (default %(default)s)")
     g.add_argument("--input-len", type=int, help="prompt tokens per request (default 128 on CPU, 1024 on GPU)")
     g.add_argument("--output-len", type=int, help="output tokens per request (default 128 on CPU, 1024 on GPU)")
-    g.add_argument("--num-prompts", type=int, help="requests per concurrency level (default max(2c, 8))")
+    g.add_argument("--num-prompts", type=int, help="requests per concurrency level (default max(2c, 32))")
     g.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} "
                                    "(default: all with --draft, nospec without)")
     g.add_argument("--peer", action="append", default=[], choices=PEERS,
