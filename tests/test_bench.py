@@ -260,9 +260,10 @@ def test_prewarm_prompts_are_the_levels_shapes_but_never_timed_prompts():
     from eyas.bench.suite import _plan
 
     bench = BenchConfig(concurrency=(1, 4), warmup=2, input_len=8, output_len=8)
-    ids = [[i] * 8 for i in range(2 * (8 + 8) + 2)]
+    ids = [[i] * 8 for i in range(2 * (32 + 32) + 2)]
     levels, warmup, prewarm = _plan(bench, ids)
-    assert [len(levels[c]) for c in (1, 4)] == [len(prewarm[c]) for c in (1, 4)] == [8, 8]
+    # the default: two waves, at least 32 requests a level
+    assert [len(levels[c]) for c in (1, 4)] == [len(prewarm[c]) for c in (1, 4)] == [32, 32]
     timed = {tuple(p) for ps in levels.values() for p in ps}
     assert not timed & {tuple(p) for ps in prewarm.values() for p in ps}  # no prefix-cache head start
     assert not timed & {tuple(p) for p in warmup}
