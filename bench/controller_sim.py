@@ -1,14 +1,24 @@
 """The adaptive controller offline: injected step times with a noisy machine, sampled acceptance.
 
     python bench/controller_sim.py [--batch 4] [--steps 3000] [--seeds 8] [--noise 0.1]
-                                   [--spell 1.3] [--set key=value ...]
+                                   [--spell 1.3] [--trace FILE] [--set key=value ...]
 
 Drives `SpecController` (chains and trees in one candidate set, as with `--spec-topk 4
 --spec-draft-tokens 8`) the way the decoder does, with no model: each step's time is a shape's
 base time (relative to a plain step, from this project's CPU measurements below) times
 multiplicative noise (lognormal, sigma `--noise`) times a slow-spell factor (`--spell`, on for
-runs of about 150 steps a quarter of the time); acceptance is sampled per sequence, with
-per-request difficulty (a request of 64 steps scales the rates by 0.7-1.2). Prints the realised
+runs of about 150 steps a quarter of the time), or with `--trace` a real machine's plain-step
+times replayed in order (each seed from its own offset); a step's time also grows with the
+context of its wave of requests (`ELASTICITY` per batch), which the controller's context line
+sees. Acceptance is sampled per sequence, with per-request difficulty (a request of 64 steps
+scales the rates by 0.7-1.2).
+
+`bench/noise/cpu-plain-c4-2026-12-06.json` is such a trace: 2,032 plain decode steps at batch 4
+on this project's 2-core CPU (median 23.3 ms), taken in one closed loop. Its slowdowns come in
+runs (autocorrelation of log time 0.83 at lag 1, 0.52 at 10, 0.25 at 50 steps; 15% of the steps
+above 1.25x the median, 5% above 1.47x), unlike the independent noise of --noise. Replayed, the
+simulated controller ran 17% plain steps at batch 1 and 40% at batch 4, as the real bench did
+(19% and 31%), against 6% and 23% under --noise 0.1 --spell 1.3. Prints the realised
 tokens per unit time against plain decoding and against the best fixed shape (the oracle), and
 which keys were chosen. Decisions on noisy samples are what this measures; what it leaves out:
 the drafter's catch-up after plain steps and the closed loop's prefills.
@@ -80,7 +90,7 @@ class Fixed(SpecController):
 
 
 def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell: float, seed: int,
-             fixed: int | None = None) -> dict:
+             fixed: int | None = None, trace: list[float] | None = None) -> dict:
     # the machine and the requests (slow spells, noise, difficulty) depend on the step only, so
     # every policy meets the same ones; acceptance draws have their own generator
     env, rng = random.Random(seed), random.Random(seed + 10_000)
@@ -88,12 +98,15 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
     cost = COST[batch]
     tokens = elapsed = 0.0
     slow, ease = False, 1.0
+    offset = random.Random(seed + 20_000).randrange(len(trace)) if trace else 0  # each seed: its own start
     for n in range(steps):
         if n % WAVE == 0:
             ease = env.uniform(0.7, 1.2)  # the requests in flight: easier or harder to draft for
         if env.random() < 1 / 150:
             slow = env.random() < 0.33  # on about a quarter of the time, in runs of ~150 steps
-        factor = math.exp(env.gauss(0.0, noise)) * (spell if slow else 1.0)
+        factor = math.exp(env.gauss(0.0, noise)) * (spell if slow else 1.0)  # drawn either way: same streams
+        if trace:
+            factor = trace[(offset + n) % len(trace)]
         key = ctrl.choose(batch)
         position = PROMPT + 2 * (n % WAVE)  # tokens each sequence has computed, about 2 a step
         t = cost[key] * factor * (1 + ELASTICITY[batch] * (position / PROMPT - 1))
@@ -117,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--spell", type=float, default=1.3)
+    ap.add_argument("--trace", help="a JSON list of a real machine's step times (plain steps, in order) "
+                                    "to replay as the step-time factor instead of --noise and --spell")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a ControllerConfig field (int, float or bool), e.g. time_window=9")
     args = ap.parse_args(argv)
@@ -126,8 +141,17 @@ def main(argv=None) -> int:
         fields[name] = {"True": True, "False": False}.get(value) if value in ("True", "False") else \
             (int(value) if value.lstrip("-").isdigit() else float(value))
     cfg = ControllerConfig(max_tokens=8, tree=True, chains=5, **fields)
+    trace = None
+    if args.trace:
+        import json
+        import statistics
+
+        times = [float(t) for t in json.loads(Path(args.trace).read_text())]
+        trace = [t / statistics.median(times) for t in times]
+
     def mean_rate(fixed=None):
-        runs = [simulate(cfg, args.batch, args.steps, args.noise, args.spell, s, fixed) for s in range(args.seeds)]
+        runs = [simulate(cfg, args.batch, args.steps, args.noise, args.spell, s, fixed, trace)
+                for s in range(args.seeds)]
         return sum(r["rate"] for r in runs) / len(runs), runs
 
     plain = mean_rate(0)[0]

@@ -129,3 +129,16 @@ def test_controller_sim_reaches_the_best_fixed_shape_on_a_quiet_machine():
     assert adaptive["rate"] > 0.93 * best["rate"]
     steps = sum(adaptive["choices"].values())
     assert adaptive["choices"][-2] > 0.8 * steps and adaptive["choices"].get(0, 0) < 0.06 * steps
+    # a replayed trace of a quiet machine is the quiet machine
+    assert run(trace=[1.0] * 50) == adaptive
+
+
+def test_noise_trace_replays_a_slow_spell():
+    from util_scripts import load_script
+
+    sim = load_script("bench/controller_sim.py")
+    cfg = ControllerConfig(max_tokens=8, tree=True, chains=5)
+    run = lambda trace: sim.simulate(cfg, batch=1, steps=200, noise=0.0, spell=1.0, seed=3, fixed=0,  # noqa: E731
+                                     trace=trace)
+    # plain steps only: the same tokens, so the rate falls by the trace's mean slowdown
+    assert run([2.0] * 7)["rate"] == pytest.approx(run([1.0] * 7)["rate"] / 2)
