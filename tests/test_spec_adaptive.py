@@ -360,8 +360,11 @@ def test_wandering_batches_borrow_instead_of_exploring():
         counting probes; tokens/s)."""
         rng = random.Random(seed)
         # a small margin: a step that gives up 5% on purpose (the default margin is 10%) would
-        # count as wrong below, and this test is about borrowing
-        ctrl = SpecController(ControllerConfig(kmax, borrow=borrow, min_gain=0.03))
+        # count as wrong below, and this test is about borrowing. Windows of the last 5 samples
+        # (span 0): on this noiseless machine the batch wanders inside each bucket, and windows
+        # that also keep the last 160 steps lag it (15 wrong steps borrowed against 29 explored,
+        # a little over half; span is tested on its own below)
+        ctrl = SpecController(ControllerConfig(kmax, borrow=borrow, min_gain=0.03, span=0))
         wrong, made, seconds = 0, 0.0, 0.0
         for b in wander(seed):
             fresh = len(ctrl.times.get(bucket_of(b), {})) < 2
@@ -708,7 +711,7 @@ def test_step_times_are_compared_at_the_same_context():
     ratio = ctrl.step_time(64, 1) / ctrl.step_time(64, 0)
     assert ratio == pytest.approx(cost(1, 8200) / cost(0, 8200), rel=0.02)  # as timed, not 0.98
     assert ctrl.choose(64) == 0
-    blind = SpecController(ControllerConfig(1, by_context=False))
+    blind = SpecController(ControllerConfig(1, by_context=False, span=0))
     _wave_samples(blind, cost)
     assert blind.step_time(64, 1) < blind.step_time(64, 0) and blind.choose(64) == 1
 
@@ -725,6 +728,25 @@ def test_each_bucket_has_its_own_context_line():
     assert ctrl.lines[64].fit()[2] == pytest.approx(1.2e-5, rel=0.01)
     assert ctrl.lines[4].fit()[2] == pytest.approx(1e-7, rel=0.01)
     assert ctrl.step_time(4, 1) / ctrl.step_time(4, 0) == pytest.approx(0.045 / 0.025, rel=0.01)
+
+
+def test_a_slow_spell_does_not_take_over_the_window_of_the_key_in_use():
+    # the key in use is timed every step: 100 quiet steps at 30 ms, then a slow spell of 5 at
+    # 60 ms. Its last 5 samples would all be the spell's, and plain decoding (timed at 25 ms
+    # every 32 steps, none in the spell) would look 2.4x cheaper; the window of the last 160
+    # steps keeps the key at its quiet time, as the plain samples are
+    for span, expected in ((160, 0.030), (0, 0.060)):
+        ctrl = SpecController(ControllerConfig(2, by_context=False, span=span))
+        for i in range(100):
+            ctrl.record_time(4, 2, 0.030)
+            if i % 32 == 0:
+                ctrl.record_time(4, 0, 0.025)
+        for _ in range(5):
+            ctrl.record_time(4, 2, 0.060)
+        assert ctrl.step_time(4, 2) == pytest.approx(expected)
+        assert ctrl.step_time(4, 0) == pytest.approx(0.025)
+        # the key in use: its last 160 steps' samples (the first, one-time costs, dropped), or 5
+        assert len(ctrl.window[(4, 2)]) == (104 if span else 5)
 
 
 def test_samples_without_a_context_use_the_raw_median():

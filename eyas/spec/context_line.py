@@ -64,9 +64,14 @@ class ContextLine:
 
     def at(self, context: float) -> Optional[float]:
         """Predicted plain-step seconds at `context` tokens; None before any sample."""
+        values = self.at_many((context,))
+        return None if values is None else values[0]
+
+    def at_many(self, contexts) -> Optional[list[float]]:
+        """`at` for each of `contexts` (one fit for all: windows hold up to hundreds of samples)."""
         fit = self.fit()
         if fit is None:
             return None
         xc, level, slope = fit
         # the clamp keeps the line at or above level * context / xc, so it stays positive
-        return max(level + slope * (context - xc), 1e-9)
+        return [max(level + slope * (c - xc), 1e-9) for c in contexts]

@@ -23,6 +23,16 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   once a second arrives). A median, because on a shared CPU a stalled step can take several
   times the usual: with a moving average, such outliers inflated t(16, 0) from 128 to 202 ms in a
   traced run, and drafting one token (226 ms a step, for 1.3 tokens) looked like a gain.
+  A window holds a key's last `time_window` samples, and also every sample of the bucket's last
+  `span` timed steps (160): the key in use is timed every step, the others every 32-64 steps, so
+  with 5 samples each the key in use was judged on its last 5 steps and the others on the last
+  few minutes. On this project's CPU slowdowns come in runs (step times correlate 0.83 from one
+  step to the next, 0.52 ten steps apart), so a slow run of 5 steps made the key in use look
+  dear against samples from quiet times, and the controller turned to plain decoding, whose
+  samples then followed the machine back to quiet while the drafting keys' stayed from the slow
+  run (in one round of a c=4 A/B run it chose plain steps 400 times in 440). Replaying a recorded trace of this machine's
+  step times (bench/controller_sim.py --trace), the span raised the controller from 0.93 to 0.94
+  of the best fixed shape at batch 1 and from 0.88 to 0.91 at batch 4 (no change at 16 and 64).
 - Samples are compared at the same context (`by_context`): a step's time grows with the tokens
   its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
   of 128 -> 256-token sequences), so the medians of raw samples compared plain steps timed late in
@@ -154,6 +164,9 @@ class ControllerConfig:
     by_context: bool = True
     # with tree: also chains of 1..chains tokens, as keys -1..-chains (0: trees only; see above)
     chains: int = 0
+    # a key's window also keeps every sample of the bucket's last `span` timed steps, not only
+    # its last time_window (0: the last time_window only; see record_time)
+    span: int = 160
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -194,6 +207,8 @@ def bucket_of(batch: int) -> int:
     return 1 << max(0, (int(batch) - 1).bit_length())
 
 
+# samples kept per (bucket, k) at most (a key chosen every step keeps those of its last span)
+MAX_SAMPLES = 256
 # a trend in batch size needs two modelled buckets; with fewer a new bucket explores on its own
 MIN_SOURCES = 2
 
@@ -231,6 +246,7 @@ class SpecController:
         self.tree_tokens: dict[int, float] = {}  # tree size -> running mean tokens per sequence
         self.times: dict[int, dict[int, float]] = {}  # bucket -> k -> median seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
+        self.timed: dict[int, int] = {}  # bucket -> timed steps of any k (the windows' clock)
         self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> median batch of the window
         self.window: dict[tuple[int, int], deque] = {}  # (bucket, k) -> recent (seconds, batch, context)
         self.lines: dict[int, ContextLine] = {}  # bucket -> plain-step time against the context
@@ -441,14 +457,17 @@ class SpecController:
             return
         b = bucket_of(batch)
         n = self.samples[(b, k)] = self.samples.get((b, k), 0) + 1
-        recent = self.window.setdefault((b, k), deque(maxlen=self.config.time_window))
+        recent = self.window.setdefault((b, k), deque(maxlen=MAX_SAMPLES))
         if n == 2:  # the first step of a shape pays one-time costs (kernel selection, allocations)
             recent.clear()
-        recent.append((seconds, batch, context))
+        clock = self.timed[b] = self.timed.get(b, 0) + 1  # the bucket's timed steps, all keys
+        recent.append((seconds, batch, context, clock))
+        while len(recent) > self.config.time_window and recent[0][3] <= clock - self.config.span:
+            recent.popleft()
         if k == 0 and context and self.config.by_context:
             self.lines.setdefault(b, ContextLine()).add(context, seconds)
         self.context[b] = context
-        self.batch_at[(b, k)] = median(x for _, x, _ in recent)  # where in the bucket (times grow with it)
+        self.batch_at[(b, k)] = median(x for _, x, _, _ in recent)  # where in the bucket (times grow with it)
         known = self.times.setdefault(b, {})
         for j in ([k] if k not in known else []) + list(known):  # every k: the reference context moved
             known[j] = self.estimate(b, j)
@@ -459,9 +478,10 @@ class SpecController:
         context or the line is missing)."""
         recent = self.window[(b, k)]
         line, now = self.lines.get(b), self.context.get(b)
-        if line is None or not now or any(not c for _, _, c in recent):
-            return [t for t, _, _ in recent], 1.0
-        return [t / line.at(c) for t, _, c in recent], line.at(now)
+        times, contexts = [t for t, _, _, _ in recent], [c for _, _, c, _ in recent]
+        if line is None or not now or not all(contexts):
+            return times, 1.0
+        return [t / at for t, at in zip(times, line.at_many(contexts))], line.at(now)
 
     def estimate(self, b: int, k: int) -> float:
         """Seconds per step for k in bucket b at the bucket's latest context: the median of its
