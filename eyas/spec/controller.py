@@ -32,7 +32,8 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   samples then followed the machine back to quiet while the drafting keys' stayed from the slow
   run (in one round of a c=4 A/B run it chose plain steps 400 times in 440). Replaying a recorded trace of this machine's
   step times (bench/controller_sim.py --trace), the span raised the controller from 0.93 to 0.94
-  of the best fixed shape at batch 1 and from 0.88 to 0.91 at batch 4 (no change at 16 and 64).
+  of the best fixed shape at batch 1 and from 0.88 to 0.91 at batch 4 (no change at 16 and 64;
+  under independent synthetic noise it cost 0.016 at batch 1 and gained 0.009 at batch 4).
 - Samples are compared at the same context (`by_context`): a step's time grows with the tokens
   its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
   of 128 -> 256-token sequences), so the medians of raw samples compared plain steps timed late in
