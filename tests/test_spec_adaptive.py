@@ -415,6 +415,9 @@ def test_bad_controller_config():
         ControllerConfig(max_tokens=3, probe_seqs=-1)
     with pytest.raises(ConfigError):
         ControllerConfig(max_tokens=3, confirm_every=1)
+    for span in (-1, 257, 1.5):
+        with pytest.raises(ConfigError, match="span"):
+            ControllerConfig(max_tokens=3, span=span)
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,11 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   step to the next, 0.52 ten steps apart), so a slow run of 5 steps made the key in use look
   dear against samples from quiet times, and the controller turned to plain decoding, whose
   samples then followed the machine back to quiet while the drafting keys' stayed from the slow
-  run (in one round of a c=4 A/B run it chose plain steps 400 times in 440). Replaying a recorded trace of this machine's
-  step times (bench/controller_sim.py --trace), the span raised the controller from 0.93 to 0.94
-  of the best fixed shape at batch 1 and from 0.88 to 0.91 at batch 4 (no change at 16 and 64;
-  under independent synthetic noise it cost 0.016 at batch 1 and gained 0.009 at batch 4).
+  run (in one round of a c=4 A/B run it chose plain steps 400 times in 440). Replaying a
+  recorded trace of this machine's step times (bench/controller_sim.py --trace), the span
+  raised the controller from 0.93 to 0.94 of the best fixed shape at batch 1 and from 0.88 to
+  0.91 at batch 4 (no change at 16 and 64; under independent synthetic noise it cost 0.016 at
+  batch 1 and gained 0.009 at batch 4).
 - Samples are compared at the same context (`by_context`): a step's time grows with the tokens
   its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
   of 128 -> 256-token sequences), so the medians of raw samples compared plain steps timed late in
@@ -136,6 +137,10 @@ from eyas.errors import ConfigError
 from eyas.spec.context_line import ContextLine
 
 
+# samples kept per (bucket, k) at most (a key chosen every step keeps those of its last span)
+MAX_SAMPLES = 256
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     max_tokens: int  # k_max: chain length, or tree size budget
@@ -189,6 +194,8 @@ class ControllerConfig:
             raise ConfigError(f"min_gain must be in [0, 1), got {self.min_gain}")
         if not isinstance(self.probe_seqs, int) or self.probe_seqs < 0:
             raise ConfigError(f"probe_seqs must be an integer >= 0, got {self.probe_seqs!r}")
+        if not isinstance(self.span, int) or isinstance(self.span, bool) or not 0 <= self.span <= MAX_SAMPLES:
+            raise ConfigError(f"span must be an integer in [0, {MAX_SAMPLES}], got {self.span!r}")
         if not isinstance(self.chains, int) or self.chains < 0 or (self.chains and not self.tree):
             raise ConfigError(f"chains must be an integer >= 0, and > 0 only with tree, got {self.chains!r}")
         if self.confirm_steps < 0 or self.confirm_every < 2:
@@ -208,8 +215,6 @@ def bucket_of(batch: int) -> int:
     return 1 << max(0, (int(batch) - 1).bit_length())
 
 
-# samples kept per (bucket, k) at most (a key chosen every step keeps those of its last span)
-MAX_SAMPLES = 256
 # a trend in batch size needs two modelled buckets; with fewer a new bucket explores on its own
 MIN_SOURCES = 2
 
@@ -249,7 +254,8 @@ class SpecController:
         self.samples: dict[tuple[int, int], int] = {}  # (bucket, k) -> timed steps
         self.timed: dict[int, int] = {}  # bucket -> timed steps of any k (the windows' clock)
         self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> median batch of the window
-        self.window: dict[tuple[int, int], deque] = {}  # (bucket, k) -> recent (seconds, batch, context)
+        # (bucket, k) -> recent (seconds, batch, context, the bucket's timed-step clock)
+        self.window: dict[tuple[int, int], deque] = {}
         self.lines: dict[int, ContextLine] = {}  # bucket -> plain-step time against the context
         self.context: dict[int, Optional[float]] = {}  # bucket -> context of its latest timed step
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
