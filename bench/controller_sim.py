@@ -17,7 +17,7 @@ scales the rates by 0.7-1.2).
 on this project's 2-core CPU (median 23.3 ms), taken in one closed loop. Its slowdowns come in
 runs (autocorrelation of log time 0.83 at lag 1, 0.52 at 10, 0.25 at 50 steps; 15% of the steps
 above 1.25x the median, 5% above 1.47x), unlike the independent noise of --noise. Replayed, the
-simulated controller ran 17% plain steps at batch 1 and 40% at batch 4, as the real bench did
+simulated controller (windows of its last 5 samples, before `span`) ran 17% plain steps at batch 1 and 40% at batch 4, as the real bench did
 (19% and 31%), against 6% and 23% under --noise 0.1 --spell 1.3. Prints the realised
 tokens per unit time against plain decoding and against the best fixed shape (the oracle), and
 which keys were chosen. Decisions on noisy samples are what this measures; what it leaves out:
