@@ -256,6 +256,7 @@ class SpecController:
         self.batch_at: dict[tuple[int, int], float] = {}  # (bucket, k) -> median batch of the window
         # (bucket, k) -> recent (seconds, batch, context, the bucket's timed-step clock)
         self.window: dict[tuple[int, int], deque] = {}
+        self._stats: dict[tuple[int, int], tuple] = {}  # (bucket, k) -> ratio_stats' cache
         self.lines: dict[int, ContextLine] = {}  # bucket -> plain-step time against the context
         self.context: dict[int, Optional[float]] = {}  # bucket -> context of its latest timed step
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
@@ -479,37 +480,49 @@ class SpecController:
         for j in ([k] if k not in known else []) + list(known):  # every k: the reference context moved
             known[j] = self.estimate(b, j)
 
-    def normalized(self, b: int, k: int) -> tuple[list[float], float]:
+    def normalized(self, b: int, k: int) -> tuple[list[float], bool]:
         """The window's samples for k in bucket b as ratios to the plain-step line at their own
-        contexts, and the line at the bucket's latest context (raw seconds and 1.0 where a
-        context or the line is missing)."""
+        contexts, and True; raw seconds and False where a context or the line is missing."""
         recent = self.window[(b, k)]
         line, now = self.lines.get(b), self.context.get(b)
         times, contexts = [t for t, _, _, _ in recent], [c for _, _, c, _ in recent]
         if line is None or not now or not all(contexts):
-            return times, 1.0
-        return [t / at for t, at in zip(times, line.at_many(contexts))], line.at(now)
+            return times, False
+        return [t / at for t, at in zip(times, line.at_many(contexts))], True
+
+    def ratio_stats(self, b: int, k: int) -> tuple[float, float, bool]:
+        """(median, relative spread (median absolute deviation / median), whether they are
+        ratios to the line) of the window's samples for k in bucket b, as `normalized` gives
+        them. Cached until the window takes a sample or the line is refitted: every k is
+        re-estimated at each timed step, and the key in use holds up to `span` samples."""
+        recent = self.window[(b, k)]
+        line = self.lines.get(b)
+        fit = line.fit() if line is not None else None
+        sig = (recent[-1][3], len(recent), bool(self.context.get(b)))  # the window's contents
+        hit = self._stats.get((b, k))
+        if hit is not None and hit[0] == sig and hit[1] is fit:
+            return hit[2]
+        values, scaled = self.normalized(b, k)
+        mid = median(values)
+        stats = (mid, median(abs(r - mid) for r in values) / mid, scaled)
+        self._stats[(b, k)] = (sig, fit, stats)
+        return stats
 
     def estimate(self, b: int, k: int) -> float:
         """Seconds per step for k in bucket b at the bucket's latest context: the median of its
         samples' ratios to the plain-step line at their own contexts, times the line there
         (the raw median where a context or the line is missing)."""
-        ratios, scale = self.normalized(b, k)
-        return median(ratios) * scale
+        mid, _, scaled = self.ratio_stats(b, k)
+        return mid * self.lines[b].at(self.context[b]) if scaled else mid
 
     def noise(self, b: int, k: int) -> float:
         """Relative spread of bucket b's samples for k and for plain steps, combined (0 unless
         noise_margin and both have >= 3 samples in their windows)."""
         if not self.config.noise_margin:
             return 0.0
-        spreads = []
-        for j in (k, 0):
-            if len(self.window.get((b, j), ())) < 3:
-                return 0.0
-            ratios, _ = self.normalized(b, j)
-            mid = median(ratios)
-            spreads.append(median(abs(r - mid) for r in ratios) / mid)
-        return (spreads[0] ** 2 + spreads[1] ** 2) ** 0.5
+        if any(len(self.window.get((b, j), ())) < 3 for j in (k, 0)):
+            return 0.0
+        return (self.ratio_stats(b, k)[1] ** 2 + self.ratio_stats(b, 0)[1] ** 2) ** 0.5
 
     def record_step(self, seconds: float) -> None:
         """Every step this controller chose (timed or not: prefill, catch-up) took `seconds`;
