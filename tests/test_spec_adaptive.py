@@ -231,6 +231,41 @@ def choice_near_break_even(gain: float, min_gain=None) -> int:
     return ctrl.choose(16)
 
 
+def choice_with_backlog(rows: int, tokens_left=None, extend=(0.78, 7000)) -> int:
+    """The choice at batch 64 where one draft (accepted at 0.5: 1.5 tokens a step) is measured
+    20% ahead of plain steps of 150 ms, with `rows` of drafter backlog, `tokens_left` per
+    sequence and the drafter's extends timed at `extend` (seconds, rows)."""
+    ctrl = SpecController(ControllerConfig(max_tokens=1, accept_decay=1.0, prior_weight=1e-6))
+    for _ in range(3):
+        ctrl.record_time(64, 0, 0.150)
+        ctrl.record_time(64, 1, 0.150 * 1.5 / 1.2)
+    for a in [1, 0] * 50:
+        ctrl.record_accept(1, a)
+    if extend is not None:
+        ctrl.record_extend(*extend)
+    ctrl.set_backlog(rows, tokens_left)
+    return ctrl.choose(64)
+
+
+def test_a_switch_to_drafting_must_pay_for_the_catch_up():
+    # a drafting step (187.5 ms) saves 1.5 x 150 - 187.5 = 37.5 ms; 110 plain steps at batch 64
+    # left 7,000 rows, about 0.77 s of drafter extend: won back in 21 steps
+    assert choice_with_backlog(7000) == 1  # up to switch_horizon (64) steps ahead
+    assert choice_with_backlog(7000, tokens_left=60) == 1  # 40 steps
+    assert choice_with_backlog(7000, tokens_left=12) == 0  # a wave's end: 8 steps, 0.3 s
+    # without a backlog beyond a drafting step's own rows (64 x 1.5), or with no extend timed
+    # yet, there is nothing to pay
+    assert choice_with_backlog(96, tokens_left=2) == 1
+    assert choice_with_backlog(7000, tokens_left=12, extend=None) == 1
+    assert choice_with_backlog(40000) == 0  # 4.4 s: more than 64 steps win back
+    ctrl = SpecController(ControllerConfig(max_tokens=1))
+    ctrl.record_extend(0.5, 1000)
+    ctrl.record_extend(1.0, 1000)  # decayed sums: 0.9 * 0.5 + 1.0 s over 0.9 * 1000 + 1000 rows
+    ctrl.set_backlog(1000 + round(64 * ctrl.expected_tokens(1)))  # beyond a drafting step's rows: 1000
+    assert ctrl.catch_up_seconds(64, 1) == pytest.approx(1000 * (0.45 + 1.0) / 1900, rel=1e-3)
+    assert ctrl.catch_up_seconds(64, 0) == 0.0
+
+
 @pytest.mark.parametrize("gain, min_gain, best", [(-0.05, None, 0), (0.08, None, 0), (0.15, None, 1),
                                                    (0.015, 0.03, 0), (0.05, 0.03, 1), (0.015, 0.0, 1)])
 def test_drafting_must_win_by_the_margin(gain, min_gain, best):
@@ -418,6 +453,9 @@ def test_bad_controller_config():
     for span in (-1, 257, 1.5):
         with pytest.raises(ConfigError, match="span"):
             ControllerConfig(max_tokens=3, span=span)
+    for horizon in (0, True, 1.5):
+        with pytest.raises(ConfigError, match="switch_horizon"):
+            ControllerConfig(max_tokens=3, switch_horizon=horizon)
 
 
 @pytest.fixture(scope="module")
@@ -689,6 +727,37 @@ def test_plain_steps_leave_the_fc_to_the_next_draft(tiny_engine_factory, tiny_dr
         for out in engine.step():
             done[out.id] = out.token_ids
     assert done["0"] == plain["0"]
+
+
+class PlainLog(SpecController):
+    """Plain steps only; logs the backlog the decoder reports before each choice."""
+
+    def __init__(self):
+        super().__init__(ControllerConfig(2))
+        self.backlogs = []
+
+    def choose(self, batch):
+        self.backlogs.append(self.backlog_rows)
+        self.draft_seqs = None
+        return 0
+
+
+def test_the_decoder_reports_the_backlog_and_the_extend_times(tiny_engine_factory, tiny_drafter_path):
+    engine = tiny_engine_factory(draft=str(tiny_drafter_path), spec_steps=2, spec_policy="adaptive",
+                                 enable_prefix_caching=False)
+    ctrl = engine.spec.controller = PlainLog()
+    for i in range(2):
+        engine.add_request(str(i), PROMPTS[i], PARAMS)
+    engine.step()  # both prompts prefilled, then caught up on but for their last row
+    assert ctrl.backlogs == [0]  # nothing was decoding yet
+    assert ctrl.extend_rows > 0 and ctrl.extend_seconds > 0  # the prompts' extend was timed
+    for _ in range(4):
+        engine.step()
+    # each plain step adds one row per sequence to the one each prompt's catch-up held back
+    assert ctrl.backlogs == [0, 2, 4, 6, 8]
+    assert ctrl.tokens_left == PARAMS.max_tokens - 4  # reported before the last step: 4 tokens each
+    proposer = engine.spec.proposer
+    assert [proposer.backlog(s) for s in engine.scheduler.running] == [5, 5]
 
 
 def _wave_samples(ctrl: SpecController, cost, batch: int = 64) -> None:

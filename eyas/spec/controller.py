@@ -87,6 +87,18 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
 - Time samples of drafting steps leave out the drafter's catch-up over positions of earlier plain
   steps (the decoder subtracts the proposer's measured extend time beyond the rows a step that
   drafts every time extends over), so a probe after plain steps measures a typical step.
+  That catch-up is still paid, once, by the first drafting step after plain ones, and it grows
+  with the plain stretch: at B=64 on CPU, 110 plain steps left 7,000 rows that took 0.78 s, four
+  plain steps' worth (a traced closed loop switched to drafting there near a wave's end, for two
+  steps). So a switch must pay for it (`pays_off`): the decoder reports the backlog and the
+  tokens the sequences have left before each choice, the drafter's extends give the seconds
+  per row, and drafting is chosen only if its saving per step (E[tokens | k] plain steps' time
+  minus its own) over the steps it can last (`switch_horizon`, or the tokens left over
+  E[tokens | k]) covers the catch-up. While drafting goes on the backlog stays at about a
+  step's rows and there is nothing to pay. (Not a charge on drafting's step time: spread over a
+  fixed number of steps on top of the margin, a plain stretch's growing backlog would keep
+  drafting from ever winning back, at any batch.) In a closed loop at c=64, stepped in turn
+  with a plain engine, this took the adaptive engine from 0.93-0.95 of its speed to 0.96-0.97.
 - Few-sequence probes: while plain decoding is best, a probe of a k that has a time (measured,
   or borrowed from other buckets) drafts for `probe_seqs` sequences only (those with the least
   drafter backlog: the decoder picks them). It refreshes acceptance, which a few sequences
@@ -173,6 +185,10 @@ class ControllerConfig:
     # a key's window also keeps every sample of the bucket's last `span` timed steps, not only
     # its last time_window (0: the last time_window only; see record_time)
     span: int = 160
+    # a switch to drafting pays the drafter's catch-up over the positions of the plain steps
+    # before it: it must be won back within this many steps (fewer where the sequences have
+    # fewer tokens left; see above)
+    switch_horizon: int = 64
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -194,6 +210,9 @@ class ControllerConfig:
             raise ConfigError(f"min_gain must be in [0, 1), got {self.min_gain}")
         if not isinstance(self.probe_seqs, int) or self.probe_seqs < 0:
             raise ConfigError(f"probe_seqs must be an integer >= 0, got {self.probe_seqs!r}")
+        if not isinstance(self.switch_horizon, int) or isinstance(self.switch_horizon, bool) \
+                or self.switch_horizon < 1:
+            raise ConfigError(f"switch_horizon must be an integer >= 1, got {self.switch_horizon!r}")
         if not isinstance(self.span, int) or isinstance(self.span, bool) or not 0 <= self.span <= MAX_SAMPLES:
             raise ConfigError(f"span must be an integer in [0, {MAX_SAMPLES}], got {self.span!r}")
         if not isinstance(self.chains, int) or self.chains < 0 or (self.chains and not self.tree):
@@ -271,6 +290,12 @@ class SpecController:
         # sequences that draft in the step just chosen (None: all); see choose()
         self.draft_seqs: Optional[int] = None
         self.choices: dict[int, int] = {}  # k -> steps that chose it (bench reports, logs)
+        # the drafter's catch-up: rows it would extend over if every decoding sequence drafted
+        # now (set_backlog, before each choice), and decayed sums of its measured extends
+        self.backlog_rows = 0
+        self.tokens_left: Optional[float] = None
+        self.extend_seconds = 0.0
+        self.extend_rows = 0.0
 
     # ------------------------------------------------------------------ model
     def is_tree(self, key: int) -> bool:
@@ -381,6 +406,30 @@ class SpecController:
         t = self.step_time(bucket_of(batch), k, batch)
         return None if t is None else batch * self.expected_tokens(k) / t
 
+    def catch_up_seconds(self, batch: int, k: int) -> float:
+        """The drafter's catch-up if every decoding sequence drafted k now: the backlog beyond
+        the rows a step that drafts every time extends over (about E[tokens | k] per sequence,
+        already in its measured time), at the seconds per row of the extends timed so far.
+        0 for plain steps and before any extend was timed."""
+        if k == 0 or self.extend_rows <= 0:
+            return 0.0
+        extra = self.backlog_rows - batch * self.expected_tokens(k)
+        return max(0.0, extra) * self.extend_seconds / self.extend_rows
+
+    def pays_off(self, batch: int, k: int, rate_k: float, rate_0: float) -> bool:
+        """Whether switching to drafting k now saves more than its catch-up costs, over the
+        steps it can last: `switch_horizon`, or fewer when the sequences have fewer tokens left.
+        A drafting step saves E[tokens | k] plain steps' time minus its own."""
+        cost = self.catch_up_seconds(batch, k)
+        if cost <= 0:
+            return True
+        tokens = self.expected_tokens(k)
+        steps = float(self.config.switch_horizon)
+        if self.tokens_left is not None:
+            steps = min(steps, self.tokens_left / tokens)
+        step = batch * tokens / rate_k  # seconds of a step drafting k
+        return cost <= step * (rate_k / rate_0 - 1.0) * steps
+
     # ----------------------------------------------------------------- choose
     def first_probe(self, bucket: int) -> int:
         """Step of a bucket's first probe: early while its times are extrapolated (a trend seen
@@ -411,6 +460,8 @@ class SpecController:
         best = max(self.candidates, key=rates.get)
         if best != 0 and rates[best] < (1 + self.config.min_gain + self.noise(b, best)) * rates[0]:
             best = 0  # within the margin: plain decoding
+        if best != 0 and not self.pays_off(batch, best, rates[best], rates[0]):
+            best = 0  # the drafter's catch-up would cost more than drafting can win back
         if best != self.best.get(b):  # the choice moved: probe at the base rate again
             if best != 0 and self.best.get(b) == 0 and self.config.confirm_steps:
                 # drafting overtook plain decoding: confirm against fresh plain steps soon
@@ -523,6 +574,21 @@ class SpecController:
         if any(len(self.window.get((b, j), ())) < 3 for j in (k, 0)):
             return 0.0
         return (self.ratio_stats(b, k)[1] ** 2 + self.ratio_stats(b, 0)[1] ** 2) ** 0.5
+
+    def set_backlog(self, rows: int, tokens_left: Optional[float] = None) -> None:
+        """Before a choice: the rows the drafter would extend over if every decoding sequence
+        drafted in this step (its pending positions since their last draft), and the mean
+        tokens the decoding sequences may still generate (None: not known)."""
+        self.backlog_rows = max(0, int(rows))
+        self.tokens_left = tokens_left
+
+    def record_extend(self, seconds: float, rows: int) -> None:
+        """The drafter extended over `rows` positions in `seconds` (a draft's catch-up, or a
+        prompt's). Kept as decayed sums, so large extends, the ones a switch pays, weigh most."""
+        if rows <= 0 or seconds <= 0:
+            return
+        self.extend_seconds = 0.9 * self.extend_seconds + seconds
+        self.extend_rows = 0.9 * self.extend_rows + rows
 
     def record_step(self, seconds: float) -> None:
         """Every step this controller chose (timed or not: prefill, catch-up) took `seconds`;

@@ -78,6 +78,7 @@ class SpecDecoder:
         tree = None  # None: the proposer's own shape (a fixed policy)
         if self.controller is not None and self.drafting:
             # a candidate key: 0 plain, else |key| draft tokens, a tree or a chain (controller.py)
+            self._report_backlog()
             key = self.controller.choose(len(eng.scheduler.running))
             tree = self.controller.is_tree(key)
         k = abs(key)
@@ -147,6 +148,16 @@ class SpecDecoder:
             self._extend_prompts(items, drafts)
         return outputs
 
+    def _report_backlog(self) -> None:
+        """Tell the controller what drafting now would first catch up on, and the mean tokens
+        the decoding sequences may still generate (sequences still prefilling are caught up
+        when their prompt is done)."""
+        eng = self.engine
+        decoding = [s for s in eng.scheduler.running if s.num_computed_tokens >= s.num_prompt_tokens]
+        left = [min(s.params.max_tokens - s.num_output_tokens, eng.max_model_len - len(s)) for s in decoding]
+        self.controller.set_backlog(sum(self.proposer.backlog(s) for s in decoding),
+                                    sum(left) / len(left) if left else None)
+
     def _extend_prompts(self, items, drafts: dict) -> None:
         """Extend the drafter now over prompts that finished prefilling in this step. The prefix
         cache takes a block only once the drafter's KV of it is computed too (the commit limit is
@@ -157,7 +168,10 @@ class SpecDecoder:
                 if it.sample and it.num_new_tokens > 1 and i not in drafts and not it.seq.is_finished]
         if not seqs:
             return
+        self.proposer.last_extend = None
         self.proposer.catch_up(seqs)
+        if self.proposer.last_extend is not None:  # a prompt's extend: the controller's rows/s
+            self.controller.record_extend(*self.proposer.last_extend)
         for seq in seqs:
             self.engine.allocator.commit(seq, limit=self.proposer.valid_prefix(seq))
 
@@ -206,10 +220,12 @@ class SpecDecoder:
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
         seconds = time.perf_counter() - start
+        extend = self.proposer.last_extend
+        if extend is not None:
+            self.controller.record_extend(*extend)
         self.controller.record_step(seconds)
         if not (all(it.num_new_tokens == 1 for it in items) and all(it.num_draft_tokens == abs(key) for it in items)):
             return
-        extend = self.proposer.last_extend
         if extend is not None and drafts:
             ext_s, rows = extend
             typical = len(drafts) * self.controller.expected_tokens(key)  # rows of a steady drafting step

@@ -52,10 +52,7 @@ class Draft:
 class DraftState:
     dstart: int
     pending: list[torch.Tensor] = field(default_factory=list)  # chunks of [m_i, n_aux * Ht] aux rows
-
-    @property
-    def num_pending(self) -> int:
-        return sum(t.shape[0] for t in self.pending)
+    num_pending: int = 0  # rows in pending, sum(m_i) (kept: the controller asks every step)
 
 
 class Proposer:
@@ -167,6 +164,7 @@ class Eagle3Proposer(Proposer):
             st = self.states[seq.request_id] = DraftState(dstart=start)  # new, or recomputed
         if features is not None and features.shape[0]:
             st.pending.append(features)
+            st.num_pending += features.shape[0]
 
     def valid_prefix(self, seq: Sequence) -> int:
         st = self.states.get(seq.request_id)
@@ -230,6 +228,7 @@ class Eagle3Proposer(Proposer):
             st = self.states[seq.request_id]
             st.dstart = seq.num_computed_tokens - hold
             st.pending = [st.pending[0][-hold:].clone()] if hold else []  # not a view of the whole backlog
+            st.num_pending = hold
         return out[inputs.last_index]  # [S, H]
 
     @torch.inference_mode()
