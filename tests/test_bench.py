@@ -360,3 +360,26 @@ def test_spec_step_breakdown_script_times_both_halves(tmp_path, capsys, tiny_lla
             assert propose.strip() == "-" and float(accept) == 1.0 and int(steps) == 12  # 2 x 6 tokens
         else:
             assert float(propose) > 0 and float(verify) > 0 and int(steps) <= 12
+
+
+def test_paired_steps_script_steps_the_engines_in_turn(tmp_path, capsys, tiny_llama_path, tiny_drafter_path):
+    import json
+
+    from util_scripts import load_script
+
+    module = load_script("bench/paired_steps.py")
+    out = tmp_path / "steps.json"
+    assert module.main(["--model", str(tiny_llama_path), "--draft", str(tiny_drafter_path),
+                        "--modes", "nospec,adaptive-plain,adaptive", "--concurrency", "2", "--requests", "3",
+                        "--input-len", "8", "--output-len", "6", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == ["nospec", "adaptive-plain", "adaptive"]
+    got = json.loads(out.read_text())
+    for mode in ("nospec", "adaptive-plain", "adaptive"):
+        assert len(got["times"][mode]) == len(got["steps"][mode]) > 0
+    # a drafter engine held at plain steps schedules exactly what the plain engine does
+    assert [kind for kind, _ in got["steps"]["adaptive-plain"]] == [kind for kind, _ in got["steps"]["nospec"]]
+    assert {key for _, key in got["steps"]["adaptive-plain"]} == {0}
+    assert {key for _, key in got["steps"]["nospec"]} == {None}
+    with pytest.raises(module.ConfigError, match="unknown mode"):
+        module.main(["--model", str(tiny_llama_path), "--modes", "nospec,fast"])
