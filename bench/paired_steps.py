@@ -45,9 +45,15 @@ class PlainOnly(SpecController):
         return 0
 
 
+def check_modes(modes: list[str]) -> None:
+    for mode in modes:
+        if mode not in (*MODES, PLAIN_ONLY):
+            raise ConfigError(f"unknown mode {mode!r}: expected one of {', '.join((*MODES, PLAIN_ONLY))}")
+    if len(set(modes)) != len(modes):
+        raise ConfigError(f"--modes: each mode once, got {','.join(modes)}")
+
+
 def build(mode: str, base: EngineConfig, concurrency: int):
-    if mode not in (*MODES, PLAIN_ONLY):
-        raise ConfigError(f"unknown mode {mode!r}: expected one of {', '.join((*MODES, PLAIN_ONLY))}")
     engine = create_engine(engine_config_for("adaptive" if mode == PLAIN_ONLY else mode, base, concurrency))
     if mode == PLAIN_ONLY:
         engine.spec.controller = PlainOnly(engine.spec.controller.config)
@@ -93,8 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON file for per-step times and kinds")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    if len(set(modes)) != len(modes):
-        raise SystemExit("--modes: each mode once")
+    check_modes(modes)
     c, n = args.concurrency, args.requests or max(2 * args.concurrency, 32)
     base = EngineConfig(model=args.model, num_threads=args.num_threads).replace(draft=args.draft)
     engines = {m: build(m, base, c) for m in modes}

@@ -381,5 +381,7 @@ def test_paired_steps_script_steps_the_engines_in_turn(tmp_path, capsys, tiny_ll
     assert [kind for kind, _ in got["steps"]["adaptive-plain"]] == [kind for kind, _ in got["steps"]["nospec"]]
     assert {key for _, key in got["steps"]["adaptive-plain"]} == {0}
     assert {key for _, key in got["steps"]["nospec"]} == {None}
-    with pytest.raises(module.ConfigError, match="unknown mode"):
+    with pytest.raises(module.ConfigError, match="unknown mode 'fast'"):
         module.main(["--model", str(tiny_llama_path), "--modes", "nospec,fast"])
+    with pytest.raises(module.ConfigError, match="each mode once"):
+        module.main(["--model", str(tiny_llama_path), "--modes", "nospec,nospec"])
