@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,23 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def traced_run(engine, prompts, concurrency: int, output_len: int) -> tuple[dict, float, int]:
     """One closed-loop level; returns ({kind: [seconds]}, wall seconds, output tokens)."""
-    from eyas.bench.runner import run_closed_loop
+    from eyas.bench.runner import run_closed_loop, traced_step
 
-    controller = getattr(getattr(engine, "spec", None), "controller", None)
     groups: dict[str, list[float]] = defaultdict(list)
     inner = engine.step
 
     def step():
-        # a step prefills when a request waits (the closed loop adds one after each finish) or a
-        # running one still has prompt tokens to compute; both are known before the step runs
-        prefill = bool(engine.scheduler.waiting) or any(
-            len(s.token_ids) - s.num_computed_tokens > 1 for s in engine.scheduler.running)
-        chosen = dict(controller.choices) if controller is not None else {}
-        start = time.perf_counter()
-        out = inner()
-        seconds = time.perf_counter() - start
-        k = next((k for k, n in (controller.choices.items() if controller else ()) if n > chosen.get(k, 0)), 0)
-        groups["prefill" if prefill else f"decode k={k}"].append(seconds)
+        out, seconds, prefill, key = traced_step(engine, inner)
+        groups["prefill" if prefill else f"decode k={key or 0}"].append(seconds)
         return out
 
     engine.step = step

@@ -19,14 +19,13 @@ import collections
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eyas.bench.modes import engine_config_for  # noqa: E402
 from eyas.bench.prompts import build_prompt_ids  # noqa: E402
-from eyas.bench.runner import run_closed_loop, sampling_for, warm_up  # noqa: E402
+from eyas.bench.runner import run_closed_loop, sampling_for, traced_step, warm_up  # noqa: E402
 from eyas.bench.settings import MODES  # noqa: E402
 from eyas.config import EngineConfig  # noqa: E402
 from eyas.engine import create_engine  # noqa: E402
@@ -61,26 +60,19 @@ def build(mode: str, base: EngineConfig, concurrency: int):
 
 
 def closed_loop(engine, prompts: list[list[int]], concurrency: int, output_len: int, tag: str, log: list):
-    """A generator: one engine step per next(); appends (kind, key) per step to log, where kind is
-    'prefill' when any sequence was still prefilling and key the controller's choice (or None)."""
+    """A generator: one engine step per next(), which yields the step's seconds; appends (kind,
+    key) per step to log, kind 'prefill' or 'decode' and key the controller's choice (or None)."""
     pending = collections.deque(enumerate(prompts))
     in_flight = 0
-    ctrl = getattr(getattr(engine, "spec", None), "controller", None)
     while pending or in_flight:
         while pending and in_flight < concurrency:
             i, ids = pending.popleft()
             engine.add_request(f"{tag}{i}", None, sampling_for(i, output_len, 0.0), prompt_token_ids=ids)
             in_flight += 1
-        sch = engine.scheduler
-        prefill = any(s.num_computed_tokens < s.num_prompt_tokens for s in (*sch.running, *sch.waiting))
-        before = dict(ctrl.choices) if ctrl is not None else {}
-        outs = engine.step()
-        key = None
-        if ctrl is not None:
-            key = next((k for k, n in ctrl.choices.items() if n != before.get(k, 0)), None)
+        outs, seconds, prefill, key = traced_step(engine)
         log.append(("prefill" if prefill else "decode", key))
         in_flight -= sum(1 for o in outs if o.finished)
-        yield
+        yield seconds
 
 
 def main(argv=None) -> int:
@@ -118,13 +110,10 @@ def main(argv=None) -> int:
     live, turn = list(modes), 0
     while live:
         for m in (live if turn % 2 == 0 else live[::-1]):
-            t = time.perf_counter()
             try:
-                next(loops[m])
+                times[m].append(next(loops[m]))
             except StopIteration:
                 live.remove(m)
-                continue
-            times[m].append(time.perf_counter() - t)
         turn += 1
     ref = sum(times[modes[0]])
     print(f"c={c}, {n} requests of {args.input_len} in / {args.output_len} out per engine, stepped in turn")

@@ -96,6 +96,24 @@ def run_level(engine, mode: str, prompts: Sequence[list[int]], concurrency: int,
     return LevelResult(mode, concurrency, tuple(timings), wall, info)
 
 
+def traced_step(engine, step=None) -> tuple[list, float, bool, Optional[int]]:
+    """engine.step() (or `step()`, the engine's own when it is wrapped) for the bench's step traces: (outputs, seconds the step took, whether it
+    prefilled, the key the adaptive controller chose or None without one). A step prefills when a
+    request waits (a closed loop adds one after each finish) or a running one still has more than
+    one token to compute; both are known before it runs."""
+    sch = engine.scheduler
+    prefill = bool(sch.waiting) or any(len(s.token_ids) - s.num_computed_tokens > 1 for s in sch.running)
+    controller = getattr(getattr(engine, "spec", None), "controller", None)
+    chosen = dict(controller.choices) if controller is not None else {}
+    start = time.perf_counter()
+    outputs = (step or engine.step)()
+    seconds = time.perf_counter() - start
+    key = None
+    if controller is not None:
+        key = next((k for k, n in controller.choices.items() if n > chosen.get(k, 0)), None)
+    return outputs, seconds, prefill, key
+
+
 def warm_up(engine, prompts: Sequence[list[int]], output_len: int) -> None:
     """A few untimed requests (all at once, up to 16 tokens each) before the sweep."""
     if prompts:

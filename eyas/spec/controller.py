@@ -427,8 +427,9 @@ class SpecController:
         steps = float(self.config.switch_horizon)
         if self.tokens_left is not None:
             steps = min(steps, self.tokens_left / tokens)
-        step = batch * tokens / rate_k  # seconds of a step drafting k
-        return cost <= step * (rate_k / rate_0 - 1.0) * steps
+        # per drafting step: E[tokens | k] plain steps' time minus its own
+        saving = batch * tokens * (1.0 / rate_0 - 1.0 / rate_k)
+        return cost <= saving * steps
 
     # ----------------------------------------------------------------- choose
     def first_probe(self, bucket: int) -> int:
