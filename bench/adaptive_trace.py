@@ -84,9 +84,9 @@ def main(argv=None) -> int:
     print(f"adaptive / plain: {ratio:.3f} (rounds: "
           f"{', '.join(f'{a / p:.2f}' for a, p in zip(tok_s['adaptive'], tok_s['plain']))})")
     c = engines["adaptive"].spec.controller
-    print("controller step-time medians (ms), bucket -> {k: ms}:")
+    print(f"controller step-time medians (ms, at the machine level now, {c.level:.3f}), bucket -> {{k: ms}}:")
     for bucket, known in sorted(c.times.items()):
-        print(f"  {bucket}: " + ", ".join(f"{k}: {1e3 * t:.1f}" for k, t in sorted(known.items())))
+        print(f"  {bucket}: " + ", ".join(f"{k}: {1e3 * t * c.level:.1f}" for k, t in sorted(known.items())))
     tokens = c.tree_tokens if c.config.tree else {k: round(c.expected_tokens(k), 3) for k in c.candidates}
     print("tokens per sequence by k:", {k: round(v, 3) for k, v in sorted(tokens.items())})
     return 0

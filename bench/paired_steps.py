@@ -8,14 +8,18 @@ falls on all of them alike. Totals of each engine's own step times are compared;
 kind shows where a difference comes from (steps that prefill, plain decode steps, drafting steps).
 
 Modes: those of `eyas bench` (nospec, chain, tree, adaptive) and `adaptive-plain`, the adaptive
-engine with its controller held at plain steps: what carrying a drafter costs by itself.
+engine with its controller held at plain steps: what carrying a drafter costs by itself. An
+adaptive mode may name controller settings after a colon, `adaptive:level_steps=0` or
+`adaptive:min_gain=0.05+span=0` (ControllerConfig fields, `+` between them), to A/B them.
 
     python bench/paired_steps.py --concurrency 64 --requests 128 --modes nospec,adaptive-plain,adaptive
+    python bench/paired_steps.py --concurrency 4 --modes nospec,adaptive:level_steps=0,adaptive
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,7 +34,7 @@ from eyas.bench.settings import MODES  # noqa: E402
 from eyas.config import EngineConfig  # noqa: E402
 from eyas.engine import create_engine  # noqa: E402
 from eyas.errors import ConfigError  # noqa: E402
-from eyas.spec.controller import SpecController  # noqa: E402
+from eyas.spec.controller import ControllerConfig, SpecController  # noqa: E402
 
 PLAIN_ONLY = "adaptive-plain"
 
@@ -44,18 +48,45 @@ class PlainOnly(SpecController):
         return 0
 
 
+def controller_settings(mode: str) -> tuple[str, dict]:
+    """('adaptive', {field: value}) for 'adaptive:a=1+b=0.5'; (mode, {}) for a mode without a colon."""
+    name, _, spec = mode.partition(":")
+    if not spec:
+        return name, {}
+    if name != "adaptive":
+        raise ConfigError(f"mode {mode!r}: only adaptive takes controller settings")
+    fields = {f.name: f.type for f in dataclasses.fields(ControllerConfig)}
+    out = {}
+    for item in spec.split("+"):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields or key == "max_tokens":
+            raise ConfigError(f"mode {mode!r}: {item!r} is not a ControllerConfig setting "
+                              f"(expected key=value, key one of {', '.join(sorted(fields))})")
+        try:
+            out[key] = {"True": True, "False": False}[value] if value in ("True", "False") else \
+                (int(value) if value.lstrip("-").isdigit() else float(value))
+        except ValueError:
+            raise ConfigError(f"mode {mode!r}: {key}={value!r} is not a number or True/False") from None
+    ControllerConfig(max_tokens=1, **out)  # the config's own checks, before any engine is built
+    return name, out
+
+
 def check_modes(modes: list[str]) -> None:
     for mode in modes:
-        if mode not in (*MODES, PLAIN_ONLY):
+        name, _ = controller_settings(mode)
+        if name not in (*MODES, PLAIN_ONLY):
             raise ConfigError(f"unknown mode {mode!r}: expected one of {', '.join((*MODES, PLAIN_ONLY))}")
     if len(set(modes)) != len(modes):
         raise ConfigError(f"--modes: each mode once, got {','.join(modes)}")
 
 
 def build(mode: str, base: EngineConfig, concurrency: int):
-    engine = create_engine(engine_config_for("adaptive" if mode == PLAIN_ONLY else mode, base, concurrency))
-    if mode == PLAIN_ONLY:
+    name, settings = controller_settings(mode)
+    engine = create_engine(engine_config_for("adaptive" if name == PLAIN_ONLY else name, base, concurrency))
+    if name == PLAIN_ONLY:
         engine.spec.controller = PlainOnly(engine.spec.controller.config)
+    elif settings:
+        engine.spec.controller = SpecController(dataclasses.replace(engine.spec.controller.config, **settings))
     return engine
 
 

@@ -385,3 +385,20 @@ def test_paired_steps_script_steps_the_engines_in_turn(tmp_path, capsys, tiny_ll
         module.main(["--model", str(tiny_llama_path), "--modes", "nospec,fast"])
     with pytest.raises(module.ConfigError, match="each mode once"):
         module.main(["--model", str(tiny_llama_path), "--modes", "nospec,nospec"])
+    for bad, match in (("adaptive:nope=1", "not a ControllerConfig setting"), ("chain:min_gain=0.1", "only adaptive"),
+                       ("adaptive:min_gain=x", "not a number"), ("adaptive:min_gain=2", "min_gain must be")):
+        with pytest.raises(module.ConfigError, match=match):
+            module.main(["--model", str(tiny_llama_path), "--modes", f"nospec,{bad}"])
+
+
+def test_paired_steps_modes_may_set_the_controller(tiny_llama_path, tiny_drafter_path):
+    from util_scripts import load_script
+
+    module = load_script("bench/paired_steps.py")
+    assert module.controller_settings("adaptive:level_steps=0+min_gain=0.05+noise_margin=False") == \
+        ("adaptive", {"level_steps": 0, "min_gain": 0.05, "noise_margin": False})
+    base = module.EngineConfig(model=str(tiny_llama_path)).replace(draft=str(tiny_drafter_path))
+    engine = module.build("adaptive:level_steps=0+min_gain=0.05", base, 2)
+    cfg = engine.spec.controller.config
+    assert (cfg.level_steps, cfg.min_gain) == (0, 0.05)
+    assert cfg.max_tokens == module.build("adaptive", base, 2).spec.controller.config.max_tokens

@@ -2,6 +2,7 @@
 pays, the analytic optimum in between; in the engine it stays lossless."""
 import random
 import time
+from typing import Optional
 
 import pytest
 
@@ -398,8 +399,9 @@ def test_wandering_batches_borrow_instead_of_exploring():
         # count as wrong below, and this test is about borrowing. Windows of the last 5 samples
         # (span 0): on this noiseless machine the batch wanders inside each bucket, and windows
         # that also keep the last 160 steps lag it (15 wrong steps borrowed against 29 explored,
-        # a little over half; span is tested on its own below)
-        ctrl = SpecController(ControllerConfig(kmax, borrow=borrow, min_gain=0.03, span=0))
+        # a little over half; span is tested on its own below). Acceptance ageing off too: with
+        # it the acceptance counts are fewer after plain stretches, and one more step (16) is wrong
+        ctrl = SpecController(ControllerConfig(kmax, borrow=borrow, min_gain=0.03, span=0, idle_decay=False))
         wrong, made, seconds = 0, 0.0, 0.0
         for b in wander(seed):
             fresh = len(ctrl.times.get(bucket_of(b), {})) < 2
@@ -783,15 +785,18 @@ def test_step_times_are_compared_at_the_same_context():
     ratio = ctrl.step_time(64, 1) / ctrl.step_time(64, 0)
     assert ratio == pytest.approx(cost(1, 8200) / cost(0, 8200), rel=0.02)  # as timed, not 0.98
     assert ctrl.choose(64) == 0
-    blind = SpecController(ControllerConfig(1, by_context=False, span=0))
+    # (with the machine-level tracking off too: it would take the plain steps' growth with the
+    # context for a slowing machine, and put them back near the drafts' level)
+    blind = SpecController(ControllerConfig(1, by_context=False, span=0, level_steps=0))
     _wave_samples(blind, cost)
     assert blind.step_time(64, 1) < blind.step_time(64, 0) and blind.choose(64) == 1
 
 
 def test_each_bucket_has_its_own_context_line():
     # batch 64 steps grow steeply with the context, batch 4 steps hardly: a line pooled over
-    # buckets would make batch 4's plain steps look dear at a context beyond its samples
-    ctrl = SpecController(ControllerConfig(1))
+    # buckets would make batch 4's plain steps look dear at a context beyond its samples (the
+    # machine-level tracking off: the lines see the seconds as given)
+    ctrl = SpecController(ControllerConfig(1, level_steps=0))
     for ctx in range(8000, 16001, 500):
         ctrl.record_time(64, 0, 0.010 + 1.2e-5 * ctx, ctx)
     for ctx in range(500, 1001, 50):
@@ -806,9 +811,11 @@ def test_a_slow_spell_does_not_take_over_the_window_of_the_key_in_use():
     # the key in use is timed every step: 100 quiet steps at 30 ms, then a slow spell of 5 at
     # 60 ms. Its last 5 samples would all be the spell's, and plain decoding (timed at 25 ms
     # every 32 steps, none in the spell) would look 2.4x cheaper; the window of the last 160
-    # steps keeps the key at its quiet time, as the plain samples are
+    # steps keeps the key at its quiet time, as the plain samples are (the machine-level tracking
+    # off: it would put the spell's samples back at 30 ms either way; see
+    # test_a_machine_that_slows_down_keeps_its_choice)
     for span, expected in ((160, 0.030), (0, 0.060)):
-        ctrl = SpecController(ControllerConfig(2, by_context=False, span=span))
+        ctrl = SpecController(ControllerConfig(2, by_context=False, span=span, level_steps=0))
         for i in range(100):
             ctrl.record_time(4, 2, 0.030)
             if i % 32 == 0:
@@ -856,9 +863,102 @@ def _tie_ish(ctrl: SpecController, spread: float) -> int:
 
 
 def test_the_margin_grows_with_the_noise_of_the_samples():
-    assert _tie_ish(SpecController(ControllerConfig(1)), 0.01) == 1  # quiet: 15% clears 10% + 1.4%
-    assert _tie_ish(SpecController(ControllerConfig(1)), 0.10) == 0  # 15% < 10% + 14%
-    ctrl = SpecController(ControllerConfig(1))
+    # the samples come in rising order, which the machine-level tracking would take for a machine
+    # slowing down (and take out of the spread): off here
+    cfg = ControllerConfig(1, level_steps=0)
+    assert _tie_ish(SpecController(cfg), 0.01) == 1  # quiet: 15% clears 10% + 1.4%
+    assert _tie_ish(SpecController(cfg), 0.10) == 0  # 15% < 10% + 14%
+    ctrl = SpecController(cfg)
     _tie_ish(ctrl, 0.10)
     assert ctrl.noise(8, 1) == pytest.approx(0.10 * 2 ** 0.5)
-    assert _tie_ish(SpecController(ControllerConfig(1, noise_margin=False)), 0.10) == 1
+    assert _tie_ish(SpecController(ControllerConfig(1, noise_margin=False, level_steps=0)), 0.10) == 1
+
+
+def test_a_machine_that_slows_down_keeps_its_choice():
+    # a 2-token chain in use at 30 ms a step, plain steps timed at 25 ms while the machine was
+    # quiet (2.2 tokens against 1: drafting is well ahead). Then the machine slows to 2x for 200
+    # steps (another job on the cores) and only the key in use is timed. Taken as raw seconds,
+    # its window fills with 60 ms steps and the stale 25 ms plain steps look 2.4x cheaper;
+    # divided by the machine's level, every sample stays on one scale
+    def run(level_steps: int) -> SpecController:
+        ctrl = SpecController(ControllerConfig(2, by_context=False, level_steps=level_steps))
+        for i in range(200):
+            ctrl.record_accept(2, 2 if i % 5 else 0)
+        for i in range(100):
+            ctrl.record_time(4, 2, 0.030)
+            if i % 32 == 0:
+                ctrl.record_time(4, 0, 0.025)
+        for _ in range(200):
+            ctrl.record_time(4, 2, 0.060)
+        return ctrl
+
+    ctrl, raw = run(5), run(0)
+    assert ctrl.level == pytest.approx(2.0)
+    assert ctrl.step_time(4, 2) == pytest.approx(0.060)  # seconds at the machine's speed now
+    assert ctrl.step_time(4, 2) / ctrl.step_time(4, 0) == pytest.approx(0.030 / 0.025)
+    assert raw.step_time(4, 2) / raw.step_time(4, 0) == pytest.approx(0.060 / 0.025)
+    assert ctrl.choose(4) == 2 and raw.choose(4) == 0
+
+
+def test_one_stalled_step_does_not_move_the_level():
+    # the level is a median of the last 5 steps' time over their estimates: a stall of 10x and
+    # one of 0.1x leave it where it was, and the stalls are stored at that level
+    ctrl = SpecController(ControllerConfig(2, by_context=False))
+    for _ in range(20):
+        ctrl.record_time(4, 2, 0.030)
+    ctrl.record_time(4, 2, 0.300)
+    ctrl.record_time(4, 2, 0.030)
+    ctrl.record_time(4, 2, 0.003)
+    assert ctrl.level == pytest.approx(1.0)
+    assert ctrl.step_time(4, 2) == pytest.approx(0.030)
+
+
+def test_the_first_samples_of_a_key_do_not_move_the_level():
+    # a key's first step pays one-time costs, and its next ones make a window too short to be an
+    # estimate: only keys with >= 3 samples in the window (past the first) give factors
+    ctrl = SpecController(ControllerConfig(2, by_context=False))
+    for _ in range(10):
+        ctrl.record_time(4, 0, 0.020)
+    for t in (2.0, 0.050, 0.030):  # a first sample of 2 s, then two that disagree
+        ctrl.record_time(4, 2, t)
+    assert ctrl.level == pytest.approx(1.0)
+    assert len(ctrl.factors) == 5 and set(ctrl.factors) == {1.0}
+
+
+def test_level_steps_is_validated():
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="level_steps"):
+            ControllerConfig(2, level_steps=bad)
+
+
+def test_acceptance_ages_while_plain_steps_run():
+    # one-token drafts learnt at 20% acceptance on hard prompts make plain steps the choice, and
+    # plain steps learn nothing about acceptance: kept as it was, only the rare probes (a few
+    # records each, here none) would ever move it. Each plain step of 4 sequences ages the
+    # counts as 4 records would (0.995 ** 4), so the prior (0.6, 4 pseudo-counts) takes over and
+    # drafting becomes the best choice again
+    def run(idle_decay: bool) -> tuple[SpecController, Optional[int]]:
+        ctrl = SpecController(ControllerConfig(1, by_context=False, idle_decay=idle_decay, level_steps=0))
+        for i in range(200):
+            ctrl.record_accept(1, int(i % 5 == 0))
+        for k, t in ((0, 0.020), (1, 0.026)):  # drafting 1.3x a plain step's time
+            for _ in range(6):
+                ctrl.record_time(4, k, t)
+        assert ctrl.alpha(0) == pytest.approx(0.2, abs=0.03)
+        for n in range(600):
+            ctrl.choose(4)
+            if ctrl.best[4] == 1:
+                return ctrl, n
+        return ctrl, None
+
+    aged, turned = run(True)
+    # 1 + alpha must clear 1.3 x (1 + 10% margin) = 1.43: 126 counts must decay to about 6,
+    # beside the prior's 4: about 150 plain steps
+    assert turned is not None and 100 < turned < 250 and aged.alpha(0) > 0.43
+    kept, turned = run(False)
+    assert turned is None and kept.alpha(0) == pytest.approx(0.2, abs=0.03)
+
+
+def test_idle_decay_is_validated():
+    with pytest.raises(ConfigError, match="idle_decay must be True or False"):
+        ControllerConfig(2, idle_decay=0.99)

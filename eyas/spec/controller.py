@@ -35,6 +35,34 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   raised the controller from 0.93 to 0.94 of the best fixed shape at batch 1 and from 0.88 to
   0.91 at batch 4 (no change at 16 and 64; under independent synthetic noise it cost 0.016 at
   batch 1 and gained 0.009 at batch 4).
+- Samples are compared at the same machine speed (`level_steps`): every timed step's time over
+  its key's estimate (at the step's context) is a reading of how fast the machine runs now,
+  and the level is the median of the last 5 readings. Samples are stored divided by the level
+  at their step, and step_time multiplies back by the level now (so its seconds, which the
+  catch-up guard and the exploration debt compare with measured ones, are the machine's
+  current ones). The key in use is timed every step, so the level follows the machine from
+  step to step and a probe is judged against the steps just before it: a paired comparison,
+  which window medians alone are not. Without it a traced c=4 run drafted 2 tokens through a
+  slow spell (45-49 ms a step against 33 quiet), then compared those samples with fresh quiet
+  plain steps (23 ms) and ran 240 plain steps. The median leaves one stalled step out; a
+  reading is clamped to within 1.5x of the level, and only keys with >= 3 samples in their
+  window (past the first) at the window's median batch give one. The level's scale is
+  arbitrary (it is relative to the stored samples). Replaying the recorded CPU trace
+  (bench/controller_sim.py --trace, 24 seeds) it took the controller from 0.919 to 0.959 of
+  the best fixed shape at batch 4; under independent synthetic noise it cost 0.02 there
+  (0.953 -> 0.931), which the acceptance ageing below wins back.
+- Acceptance ages while plain steps run (`idle_decay`): a plain step of B sequences decays the
+  chains' acceptance counts as B records would (accept_decay^B). A plain step observes no
+  acceptance, so rates learnt on hard prompts made plain steps the choice and then stayed
+  (only probes, a few records every 32-64 steps, could move them) after the prompts had
+  changed: in the simulator, seeds whose early waves were hard ran 60% plain steps to the end.
+  Aged, the evidence gives way to the prior (0.6): at batch 4, 20% acceptance learnt over 200
+  records turns back to drafting after about 150 plain steps, and a drafter that is really
+  poor is turned down again by its next steps' records. (A fixed 0.99 a step was tried first:
+  at batch 1, where a drafting step brings one record, a near-useless drafter then came back
+  every 15 steps.) Trees' running means do not age. With both (16 seeds, against neither):
+  batch 4 0.968 of the best fixed shape on the trace (0.909) and 0.962 under synthetic noise
+  (0.942); batch 1 0.949 (0.944) and 0.936 (0.944); batch 16 and 64 unchanged.
 - Samples are compared at the same context (`by_context`): a step's time grows with the tokens
   its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
   of 128 -> 256-token sequences), so the medians of raw samples compared plain steps timed late in
@@ -189,6 +217,14 @@ class ControllerConfig:
     # before it: it must be won back within this many steps (fewer where the sequences have
     # fewer tokens left; see above)
     switch_horizon: int = 64
+    # the machine's speed level: the median of the last `level_steps` timed steps' times over
+    # their keys' estimates; samples are kept divided by the level at their step, so a probe is
+    # judged against the steps just before it (0: off; see record_time)
+    level_steps: int = 5
+    # chains' acceptance counts also decay while plain steps run, by accept_decay per sequence
+    # and step, as if each had recorded (False: only per record, so plain steps keep what was
+    # learnt before them; see choose)
+    idle_decay: bool = True
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -199,7 +235,7 @@ class ControllerConfig:
         if not 2 <= self.probe_every <= self.max_probe_every:
             raise ConfigError(f"need 2 <= probe_every <= max_probe_every, got {self.probe_every}, "
                               f"{self.max_probe_every}")
-        for name in ("borrow", "by_context", "noise_margin"):
+        for name in ("borrow", "by_context", "noise_margin", "idle_decay"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.extrapolated_probe < 2:
@@ -217,6 +253,8 @@ class ControllerConfig:
             raise ConfigError(f"span must be an integer in [0, {MAX_SAMPLES}], got {self.span!r}")
         if not isinstance(self.chains, int) or self.chains < 0 or (self.chains and not self.tree):
             raise ConfigError(f"chains must be an integer >= 0, and > 0 only with tree, got {self.chains!r}")
+        if not isinstance(self.level_steps, int) or isinstance(self.level_steps, bool) or self.level_steps < 0:
+            raise ConfigError(f"level_steps must be an integer >= 0, got {self.level_steps!r}")
         if self.confirm_steps < 0 or self.confirm_every < 2:
             raise ConfigError(f"need confirm_steps >= 0 and confirm_every >= 2, got {self.confirm_steps}, "
                               f"{self.confirm_every}")
@@ -296,6 +334,10 @@ class SpecController:
         self.tokens_left: Optional[float] = None
         self.extend_seconds = 0.0
         self.extend_rows = 0.0
+        # the machine's speed now relative to the samples' scale (see record_time); `times` and
+        # the windows hold seconds divided by the level at their step
+        self.level = 1.0
+        self.factors: deque = deque(maxlen=max(1, config.level_steps))  # the last steps' time / estimate
 
     # ------------------------------------------------------------------ model
     def is_tree(self, key: int) -> bool:
@@ -388,19 +430,18 @@ class SpecController:
         return t0 * min(max(ratio, lo), hi)
 
     def step_time(self, bucket: int, k: int, batch: Optional[int] = None) -> Optional[float]:
-        """Seconds per step: the bucket's own (measured or fitted) time, else borrowed from other
-        buckets for `batch` (default: the bucket's size), rescaled to the bucket's one
-        measurement if it has one; None when neither."""
-        own = self.own_time(bucket, k)
-        if own is not None:
-            return own
-        batch = bucket if batch is None else batch
-        guess = self.borrowed_time(bucket, k, batch)
-        known = self.times.get(bucket, {})
-        if guess is None or not known:
-            return guess
-        (k0, t0), = known.items()  # own_time covers >= 2 measured k
-        return t0 * guess / self.borrowed_time(bucket, k0, batch)
+        """Seconds per step at the machine's current level: the bucket's own (measured or
+        fitted) time, else borrowed from other buckets for `batch` (default: the bucket's size),
+        rescaled to the bucket's one measurement if it has one; None when neither."""
+        t = self.own_time(bucket, k)
+        if t is None:
+            batch = bucket if batch is None else batch
+            t = self.borrowed_time(bucket, k, batch)
+            known = self.times.get(bucket, {})
+            if t is not None and known:
+                (k0, t0), = known.items()  # own_time covers >= 2 measured k
+                t = t0 * t / self.borrowed_time(bucket, k0, batch)
+        return None if t is None else t * self.level
 
     def throughput(self, batch: int, k: int) -> Optional[float]:
         t = self.step_time(bucket_of(batch), k, batch)
@@ -447,6 +488,11 @@ class SpecController:
             return 0
         k = self._choose(batch)
         self.choices[k] = self.choices.get(k, 0) + 1
+        if k == 0 and self.config.idle_decay:  # acceptance not observed: let it age
+            d = self.config.accept_decay ** batch  # as much as a drafting step's records would
+            for j in range(len(self.reached)):
+                self.reached[j] *= d
+                self.accepted[j] *= d
         return k
 
     def _choose(self, batch: int) -> int:
@@ -517,6 +563,7 @@ class SpecController:
             return
         b = bucket_of(batch)
         n = self.samples[(b, k)] = self.samples.get((b, k), 0) + 1
+        seconds = self.track_level(b, k, n, batch, seconds, context)
         recent = self.window.setdefault((b, k), deque(maxlen=MAX_SAMPLES))
         if n == 2:  # the first step of a shape pays one-time costs (kernel selection, allocations)
             recent.clear()
@@ -531,6 +578,25 @@ class SpecController:
         known = self.times.setdefault(b, {})
         for j in ([k] if k not in known else []) + list(known):  # every k: the reference context moved
             known[j] = self.estimate(b, j)
+
+    def track_level(self, b: int, k: int, n: int, batch: int, seconds: float,
+                    context: Optional[float]) -> float:
+        """The sample divided by the machine's level before this step; then this step's time
+        over its key's estimate at its context (clamped to within 1.5x of the level) joins the
+        factors whose median is the level. Only a key whose window holds >= 3 samples (past
+        the first, which pays one-time costs) gives a factor, and only at its window's median
+        batch (a bucket spans a factor of two in batch, which the estimate does not model)."""
+        scaled = seconds / self.level
+        if not self.config.level_steps or n <= 2 or len(self.window[(b, k)]) < 3 \
+                or abs(batch - self.batch_at.get((b, k), -1.0)) >= 0.5:
+            return scaled
+        mid, _, ratios = self.ratio_stats(b, k)
+        line = self.lines.get(b)
+        expect = mid * line.at(context) if ratios and context and line is not None else mid
+        factor = seconds / expect
+        self.factors.append(min(max(factor, self.level / 1.5), self.level * 1.5))
+        self.level = median(self.factors)
+        return scaled
 
     def normalized(self, b: int, k: int) -> tuple[list[float], bool]:
         """The window's samples for k in bucket b as ratios to the plain-step line at their own
