@@ -55,7 +55,7 @@ def controller_settings(mode: str) -> tuple[str, dict]:
         return name, {}
     if name != "adaptive":
         raise ConfigError(f"mode {mode!r}: only adaptive takes controller settings")
-    fields = {f.name: f.type for f in dataclasses.fields(ControllerConfig)}
+    fields = {f.name for f in dataclasses.fields(ControllerConfig)}
     out = {}
     for item in spec.split("+"):
         key, eq, value = item.partition("=")
