@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eyas.bench.controller_fields import controller_fields  # noqa: E402
 from eyas.spec.controller import ControllerConfig, SpecController  # noqa: E402
 
 ALPHAS = [0.55, 0.5, 0.5, 0.45, 0.4]
@@ -135,12 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a ControllerConfig field (int, float or bool), e.g. time_window=9")
     args = ap.parse_args(argv)
-    fields = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        fields[name] = {"True": True, "False": False}.get(value) if value in ("True", "False") else \
-            (int(value) if value.lstrip("-").isdigit() else float(value))
-    cfg = ControllerConfig(max_tokens=8, tree=True, chains=5, **fields)
+    cfg = ControllerConfig(max_tokens=8, tree=True, chains=5, **controller_fields(args.set, "--set"))
     trace = None
     if args.trace:
         import json

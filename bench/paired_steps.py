@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eyas.bench.controller_fields import controller_fields  # noqa: E402
 from eyas.bench.modes import engine_config_for  # noqa: E402
 from eyas.bench.prompts import build_prompt_ids  # noqa: E402
 from eyas.bench.runner import run_closed_loop, sampling_for, traced_step, warm_up  # noqa: E402
@@ -34,7 +35,7 @@ from eyas.bench.settings import MODES  # noqa: E402
 from eyas.config import EngineConfig  # noqa: E402
 from eyas.engine import create_engine  # noqa: E402
 from eyas.errors import ConfigError  # noqa: E402
-from eyas.spec.controller import ControllerConfig, SpecController  # noqa: E402
+from eyas.spec.controller import SpecController  # noqa: E402
 
 PLAIN_ONLY = "adaptive-plain"
 
@@ -55,20 +56,7 @@ def controller_settings(mode: str) -> tuple[str, dict]:
         return name, {}
     if name != "adaptive":
         raise ConfigError(f"mode {mode!r}: only adaptive takes controller settings")
-    fields = {f.name for f in dataclasses.fields(ControllerConfig)}
-    out = {}
-    for item in spec.split("+"):
-        key, eq, value = item.partition("=")
-        if not eq or key not in fields or key == "max_tokens":
-            raise ConfigError(f"mode {mode!r}: {item!r} is not a ControllerConfig setting "
-                              f"(expected key=value, key one of {', '.join(sorted(fields))})")
-        try:
-            out[key] = {"True": True, "False": False}[value] if value in ("True", "False") else \
-                (int(value) if value.lstrip("-").isdigit() else float(value))
-        except ValueError:
-            raise ConfigError(f"mode {mode!r}: {key}={value!r} is not a number or True/False") from None
-    ControllerConfig(max_tokens=1, **out)  # the config's own checks, before any engine is built
-    return name, out
+    return name, controller_fields(spec.split("+"), f"mode {mode!r}")
 
 
 def check_modes(modes: list[str]) -> None:

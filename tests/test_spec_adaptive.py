@@ -807,6 +807,18 @@ def test_each_bucket_has_its_own_context_line():
     assert ctrl.step_time(4, 1) / ctrl.step_time(4, 0) == pytest.approx(0.045 / 0.025, rel=0.01)
 
 
+def _quiet_then_slow(ctrl: SpecController, slow_steps: int) -> None:
+    """Batch 4: a 2-token chain in use at 30 ms a step for 100 steps, plain steps timed at 25 ms
+    every 32 of them; then `slow_steps` steps of the chain at 60 ms (the machine at half speed),
+    no plain step among them."""
+    for i in range(100):
+        ctrl.record_time(4, 2, 0.030)
+        if i % 32 == 0:
+            ctrl.record_time(4, 0, 0.025)
+    for _ in range(slow_steps):
+        ctrl.record_time(4, 2, 0.060)
+
+
 def test_a_slow_spell_does_not_take_over_the_window_of_the_key_in_use():
     # the key in use is timed every step: 100 quiet steps at 30 ms, then a slow spell of 5 at
     # 60 ms. Its last 5 samples would all be the spell's, and plain decoding (timed at 25 ms
@@ -816,12 +828,7 @@ def test_a_slow_spell_does_not_take_over_the_window_of_the_key_in_use():
     # test_a_machine_that_slows_down_keeps_its_choice)
     for span, expected in ((160, 0.030), (0, 0.060)):
         ctrl = SpecController(ControllerConfig(2, by_context=False, span=span, level_steps=0))
-        for i in range(100):
-            ctrl.record_time(4, 2, 0.030)
-            if i % 32 == 0:
-                ctrl.record_time(4, 0, 0.025)
-        for _ in range(5):
-            ctrl.record_time(4, 2, 0.060)
+        _quiet_then_slow(ctrl, 5)
         assert ctrl.step_time(4, 2) == pytest.approx(expected)
         assert ctrl.step_time(4, 0) == pytest.approx(0.025)
         # the key in use: its last 160 steps' samples (the first, one-time costs, dropped), or 5
@@ -884,12 +891,7 @@ def test_a_machine_that_slows_down_keeps_its_choice():
         ctrl = SpecController(ControllerConfig(2, by_context=False, level_steps=level_steps))
         for i in range(200):
             ctrl.record_accept(2, 2 if i % 5 else 0)
-        for i in range(100):
-            ctrl.record_time(4, 2, 0.030)
-            if i % 32 == 0:
-                ctrl.record_time(4, 0, 0.025)
-        for _ in range(200):
-            ctrl.record_time(4, 2, 0.060)
+        _quiet_then_slow(ctrl, 200)
         return ctrl
 
     ctrl, raw = run(5), run(0)

@@ -489,10 +489,7 @@ class SpecController:
         k = self._choose(batch)
         self.choices[k] = self.choices.get(k, 0) + 1
         if k == 0 and self.config.idle_decay:  # acceptance not observed: let it age
-            d = self.config.accept_decay ** batch  # as much as a drafting step's records would
-            for j in range(len(self.reached)):
-                self.reached[j] *= d
-                self.accepted[j] *= d
+            self.age(len(self.reached), self.config.accept_decay ** batch)  # as batch records would
         return k
 
     def _choose(self, batch: int) -> int:
@@ -590,10 +587,7 @@ class SpecController:
         if not self.config.level_steps or n <= 2 or len(self.window[(b, k)]) < 3 \
                 or abs(batch - self.batch_at.get((b, k), -1.0)) >= 0.5:
             return scaled
-        mid, _, ratios = self.ratio_stats(b, k)
-        line = self.lines.get(b)
-        expect = mid * line.at(context) if ratios and context and line is not None else mid
-        factor = seconds / expect
+        factor = seconds / self.estimate_at(b, k, context)
         self.factors.append(min(max(factor, self.level / 1.5), self.level * 1.5))
         self.level = median(self.factors)
         return scaled
@@ -627,11 +621,15 @@ class SpecController:
         return stats
 
     def estimate(self, b: int, k: int) -> float:
-        """Seconds per step for k in bucket b at the bucket's latest context: the median of its
-        samples' ratios to the plain-step line at their own contexts, times the line there
-        (the raw median where a context or the line is missing)."""
+        """Seconds per step for k in bucket b at the bucket's latest context (estimate_at)."""
+        return self.estimate_at(b, k, self.context[b])
+
+    def estimate_at(self, b: int, k: int, context: Optional[float]) -> float:
+        """Seconds per step for k in bucket b at `context`: the median of its samples' ratios to
+        the plain-step line at their own contexts, times the line there (the raw median where a
+        context or the line is missing)."""
         mid, _, scaled = self.ratio_stats(b, k)
-        return mid * self.lines[b].at(self.context[b]) if scaled else mid
+        return mid * self.lines[b].at(context) if scaled and context else mid
 
     def noise(self, b: int, k: int) -> float:
         """Relative spread of bucket b's samples for k and for plain steps, combined (0 unless
@@ -666,6 +664,12 @@ class SpecController:
         else:
             self.debt = max(0.0, self.debt - self.config.explore_budget * seconds)
 
+    def age(self, positions: int, factor: float) -> None:
+        """Decay the chains' acceptance counts of the first `positions` draft positions."""
+        for j in range(positions):
+            self.reached[j] *= factor
+            self.accepted[j] *= factor
+
     def record_accept(self, drafted: int, accepted: int,
                       path_ranks: Optional[list[int]] = None, tree: Optional[bool] = None) -> None:
         """One sequence drafted `drafted` tokens and `accepted` of them were accepted; `tree`:
@@ -690,10 +694,7 @@ class SpecController:
                 old = self.tree_tokens.get(m)
                 self.tree_tokens[m] = tokens if old is None else 0.95 * old + 0.05 * tokens
             return
-        d = self.config.accept_decay
-        for j in range(min(drafted, len(self.reached))):
-            self.reached[j] *= d
-            self.accepted[j] *= d
+        self.age(min(drafted, len(self.reached)), self.config.accept_decay)
         for j in range(min(drafted, accepted + 1, len(self.reached))):
             self.reached[j] += 1
             if j < accepted:
