@@ -245,9 +245,10 @@ class LMHead(VocabEmbedding):
 # fp32 products of at most this many rows run on the plain [out, in] weight (MKL) even when a
 # packed copy exists: MKL's few-row path reads the weights faster than oneDNN's blocked kernel,
 # which wins from 4 rows on. All SmolLM2-135M linears (30 layers + LM head), fp32, 2 threads, on
-# this project's EPYC (best of 5): 1 row 22.3 ms MKL against 26.4 packed, 2 rows 25.1 against
-# 29.0, 3 rows 26.3 against 29.3, 4 rows 40.8 against 29.1. bf16 has no such path (packed
-# 15.8 ms at 1 row against 21.4), so it always takes the packed copy.
+# a 2-core Xeon with AMX (2026-12-06, best of 5): 1 row 22.3 ms MKL against 26.4 packed, 2 rows
+# 25.1 against 29.0, 3 rows 26.3 against 29.3, 4 rows 40.8 against 29.1; in the engine, plain
+# decode at batch 1 ran 19% faster. (Not measured on the EPYC of earlier sessions.) bf16 has no
+# such path (packed 15.8 ms at 1 row against 21.4), so it always takes the packed copy.
 MKL_MAX_ROWS = 3
 
 
