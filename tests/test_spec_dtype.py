@@ -89,7 +89,7 @@ def test_fp32_few_rows_take_the_plain_weight():
             assert torch.equal(out, torch.nn.functional.linear(x, w)), rows
         else:
             assert torch.count_nonzero(out) == 0, rows
-    bf16 = torch.randn(1, 64, generator=gen).to(torch.bfloat16)  # bf16 always takes the packed copy
-    if can_pack_weights(CPU, torch.bfloat16):
+    if can_pack_weights(CPU, torch.bfloat16):  # bf16 always takes the packed copy
+        bf16 = torch.randn(1, 64, generator=gen).to(torch.bfloat16)
         packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(w, dtype=torch.bfloat16), 16)
         assert torch.count_nonzero(linear(bf16, w.to(torch.bfloat16), None, packed)) == 0
