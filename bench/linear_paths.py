@@ -1,11 +1,11 @@
 """Time a model's linear layers on MKL (plain weight) against oneDNN (packed copy) by rows.
 
-    python bench/linear_paths.py [--rows 1,2,3,4,8] [--dtypes float32,bfloat16] [--repeats 5]
+    python bench/linear_paths.py [--shape smollm2-135m] [--rows 1,2,3,4,8] [--dtypes float32,bfloat16]
 
-Builds random weights of SmolLM2-135M's shapes (per layer: qkv 960x576, o 576x576, gate_up
-3072x576, down 576x1536; 30 layers, plus the 49152x576 LM head), distinct per layer so that they
-stream from memory as in a decode step, and times one pass over all of them per row count and
-path (best of --repeats). The engine's `layers/linear.py` sends fp32 products of at most
+Builds eyas's Llama model of a shape from bench/step_time.py (random weights, SmolLM2-135M by
+default) and takes the weights of its linear layers and LM head, distinct per layer so that they
+stream from memory as in a decode step; times one pass over all of them per row count and path
+(best of --repeats). The engine's `layers/linear.py` sends fp32 products of at most
 MKL_MAX_ROWS rows to MKL and the rest to the packed copy; this shows whether that split holds
 on the machine at hand.
 """
@@ -20,16 +20,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eyas.layers.linear import MKL_MAX_ROWS, can_pack_weights  # noqa: E402
+from eyas.layers.linear import MKL_MAX_ROWS, LinearBase, LMHead, can_pack_weights  # noqa: E402
+from step_time import SHAPES, build  # noqa: E402
 
-SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}  # [out, in]
-LAYERS, LM_HEAD = 30, (49152, 576)
+
+def model_weights(shape: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """[out, in] weights of every linear layer and the LM head of a random-weight model."""
+    model = build(shape, dtype, torch.device("cpu"))
+    return [m.weight for m in model.modules() if isinstance(m, (LinearBase, LMHead))]
 
 
 def one_pass(weights: list[torch.Tensor], packed: list, rows: int, use_packed: bool) -> float:
     """Seconds for one product of `rows` rows with every weight."""
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(w.dtype) for w in weights}  # by in-features
+    widths = {w.shape[1] for w in weights}
+    inputs = {n: torch.randn(rows, n).to(weights[0].dtype) for n in widths}  # [rows, in] by in-features
     start = time.perf_counter()
     for w, p in zip(weights, packed):
         x = inputs[w.shape[1]]
@@ -42,6 +48,7 @@ def one_pass(weights: list[torch.Tensor], packed: list, rows: int, use_packed: b
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     ap.add_argument("--rows", default="1,2,3,4,8")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
@@ -57,8 +64,7 @@ def main(argv=None) -> int:
         if not can_pack_weights(torch.device("cpu"), dtype):
             print(f"| {name} | - | no oneDNN packing for {name} on this CPU | |")
             continue
-        weights = [torch.randn(*shape).to(dtype) for shape in SHAPES.values() for _ in range(LAYERS)]
-        weights.append(torch.randn(*LM_HEAD).to(dtype))
+        weights = model_weights(args.shape, dtype)
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
         for n in rows:
             times = {}

@@ -276,10 +276,10 @@ def pack_linear_weights(model: nn.Module, batch_hint: int = 16) -> int:
     """Give every linear layer and LM head a oneDNN-packed weight copy; returns bytes added.
 
     On x86 CPUs oneDNN's blocked layout runs the products of 4 and more rows (verifying, larger
-    batches) 2-3x faster than MKL on the plain [out, in] weight (fewer rows take MKL: see
-    MKL_MAX_ROWS) (M=6 rows: 78 vs 31 GFLOP/s for the
-    576x3072 gate_up of SmolLM2; a 49k-row LM head at M=6 in 6 ms instead of 21 ms; measured
-    on this project's 2-core EPYC). Inference only: the packed copy has no autograd and does
+    batches) 2-3x faster than MKL on the plain [out, in] weight: at M=6 rows, 78 vs 31 GFLOP/s
+    for the 576x3072 gate_up of SmolLM2, and a 49k-row LM head in 6 ms instead of 21 ms
+    (measured on this project's 2-core EPYC). Products of fewer rows still take MKL (see
+    MKL_MAX_ROWS). Inference only: the packed copy has no autograd and does
     not follow later in-place changes to `weight`, so call it once all weights are final.
     """
     added = 0
