@@ -92,6 +92,9 @@ class Fixed(SpecController):
 
 def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell: float, seed: int,
              fixed: int | None = None, trace: list[float] | None = None) -> dict:
+    """Tokens per sequence per unit time of one run; chains only (keys 1..k chain k) when cfg
+    has no trees, else keys -k chains and +m trees."""
+    chains_only = not cfg.tree
     # the machine and the requests (slow spells, noise, difficulty) depend on the step only, so
     # every policy meets the same ones; acceptance draws have their own generator
     env, rng = random.Random(seed), random.Random(seed + 10_000)
@@ -109,15 +112,22 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
         if trace:
             factor = trace[(offset + n) % len(trace)]
         key = ctrl.choose(batch)
+        shape = -key if chains_only else key  # COST and sample_accept name chains -k
+        few = ctrl.draft_seqs if fixed is None else None
         position = PROMPT + 2 * (n % WAVE)  # tokens each sequence has computed, about 2 a step
-        t = cost[key] * factor * (1 + ELASTICITY[batch] * (position / PROMPT - 1))
+        # a few-sequence probe: a plain step plus those sequences' drafts (about their share of
+        # the shape's extra cost); each keeps only its first token and the step is no time sample
+        extra = 0.0 if few is None else (cost[shape] - 1.0) * min(few, batch) / batch
+        t = (cost[shape] if few is None else 1.0 + extra) * factor * (1 + ELASTICITY[batch] * (position / PROMPT - 1))
         got = 0
-        for _ in range(batch):
-            a, ranks = sample_accept(rng, key, ease) if key else (0, None)
-            got += 1 + a
-            if key:
-                ctrl.record_accept(abs(key), a, ranks, tree=key > 0)
-        ctrl.record_time(batch, key, t, batch * position)
+        for i in range(batch):
+            drafts = key and (few is None or i < few)
+            a, ranks = sample_accept(rng, shape, ease) if drafts else (0, None)
+            got += 1 + (a if few is None else 0)
+            if drafts:
+                ctrl.record_accept(abs(key), a, ranks, tree=not chains_only and key > 0)
+        if few is None:
+            ctrl.record_time(batch, key, t, batch * position)
         ctrl.record_step(t)
         tokens += got
         elapsed += t
@@ -135,8 +145,12 @@ def main(argv=None) -> int:
                                     "to replay as the step-time factor instead of --noise and --spell")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a ControllerConfig field (int, float or bool), e.g. time_window=9")
+    ap.add_argument("--chains-only", action="store_true",
+                    help="chains of 0..5 tokens only (the CPU default, `--spec-topk 1`), no trees")
     args = ap.parse_args(argv)
-    cfg = ControllerConfig(max_tokens=8, tree=True, chains=5, **controller_fields(args.set, "--set"))
+    fields = controller_fields(args.set, "--set")
+    cfg = (ControllerConfig(max_tokens=5, **fields) if args.chains_only
+           else ControllerConfig(max_tokens=8, tree=True, chains=5, **fields))
     trace = None
     if args.trace:
         import json
@@ -151,7 +165,8 @@ def main(argv=None) -> int:
         return sum(r["rate"] for r in runs) / len(runs), runs
 
     plain = mean_rate(0)[0]
-    oracle = {k: mean_rate(k)[0] / plain for k in COST[args.batch]}  # each fixed shape, same samples
+    shapes = range(6) if args.chains_only else list(COST[args.batch])
+    oracle = {k: mean_rate(k)[0] / plain for k in shapes}  # each fixed shape, same samples
     best = max(oracle, key=oracle.get)
     runs = mean_rate()[1]
     rates = sorted(r["rate"] / plain for r in runs)

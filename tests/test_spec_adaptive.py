@@ -573,17 +573,15 @@ class FewDrafters(SpecController):
         return 2 if self.draft_seqs else 0
 
 
-def test_few_drafter_probes_are_lossless_and_draft_for_the_least_backlog(tiny_engine_factory, plain):
+def test_few_drafter_probes_are_lossless_and_take_the_sequences_in_turn(tiny_engine_factory, plain):
     engine = tiny_engine_factory()
     proposer = ReplayProposer(plain, engine.model.vocab_size)
     engine.spec = SpecDecoder(engine, proposer, 2, controller=FewDrafters())
-    backlog = {}  # request id -> a made-up backlog: the probes must pick the two smallest
-    proposer.backlog = lambda seq: backlog.setdefault(seq.request_id, (7 * int(seq.request_id)) % 5)
-    drafted = []
+    drafted = []  # request ids of each probe, and of the running batch then
     propose = proposer.propose
 
     def recording(seqs, num_tokens, tree=None):
-        drafted.append(sorted(backlog[s.request_id] for s in seqs))
+        drafted.append(([s.request_id for s in seqs], [s.request_id for s in engine.scheduler.running]))
         return propose(seqs, num_tokens, tree=tree)
 
     proposer.propose = recording
@@ -597,10 +595,11 @@ def test_few_drafter_probes_are_lossless_and_draft_for_the_least_backlog(tiny_en
     engine.append_tokens = counting
     assert run_all(engine, PROMPTS, PARAMS) == plain
     assert set(appended) == {1}  # the probed sequences stay in step with the others
-    assert drafted and all(len(d) <= 2 for d in drafted)
-    assert any(len(d) == 2 for d in drafted)
-    full = sorted((7 * i) % 5 for i in range(len(PROMPTS)))
-    assert drafted[0] == full[:2]  # the first probe, all five running: the two least backlogged
+    assert drafted and all(len(ids) <= 2 for ids, _ in drafted)
+    # the first probes, all five running: positions 0-1, then 2-3, then 4 and 0 (in turn)
+    (first, running), (second, same), (third, _) = drafted[:3]
+    assert running == same and len(running) == len(PROMPTS)
+    assert first == running[:2] and second == running[2:4] and sorted(third) == sorted([running[4], running[0]])
     engine.allocator.check_invariants([])
 
 
@@ -961,6 +960,30 @@ def test_acceptance_ages_while_plain_steps_run():
     assert turned is None and kept.alpha(0) == pytest.approx(0.2, abs=0.03)
 
 
+def test_plain_steps_age_acceptance_as_at_most_a_probe_brings():
+    # at batch 64 a plain step aged the counts as 64 records (0.995 ** 64 = 0.73), so a few steps
+    # after a probe only the prior and that probe's 4 records were left; capped, a plain step
+    # ages them as probe_seqs (4) records do, what a probe brings
+    def counts_after_plain_steps(idle_cap: bool, batch: int) -> float:
+        ctrl = SpecController(ControllerConfig(1, by_context=False, level_steps=0, idle_cap=idle_cap))
+        for i in range(200):
+            ctrl.record_accept(1, int(i % 5 == 0))
+        for k, t in ((0, 0.020), (1, 0.040)):  # drafting twice a plain step's time: plain is best
+            for _ in range(6):
+                ctrl.record_time(batch, k, t)
+        before = ctrl.reached[0]
+        for _ in range(10):
+            assert ctrl.choose(batch) == 0
+        return ctrl.reached[0] / before
+
+    assert counts_after_plain_steps(True, 64) == pytest.approx(0.995 ** 40)
+    assert counts_after_plain_steps(False, 64) == pytest.approx(0.995 ** 640)
+    assert counts_after_plain_steps(True, 2) == pytest.approx(0.995 ** 20)  # below the cap: as before
+    assert counts_after_plain_steps(False, 2) == pytest.approx(0.995 ** 20)
+
+
 def test_idle_decay_is_validated():
     with pytest.raises(ConfigError, match="idle_decay must be True or False"):
         ControllerConfig(2, idle_decay=0.99)
+    with pytest.raises(ConfigError, match="idle_cap must be True or False"):
+        ControllerConfig(2, idle_cap=1)

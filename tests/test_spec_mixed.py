@@ -133,6 +133,20 @@ def test_controller_sim_reaches_the_best_fixed_shape_on_a_quiet_machine():
     assert run(trace=[1.0] * 50) == adaptive
 
 
+def test_controller_sim_runs_chains_only_with_few_sequence_probes():
+    from util_scripts import load_script
+
+    sim = load_script("bench/controller_sim.py")
+    cfg = ControllerConfig(max_tokens=5)  # the CPU default: chains of 0..5
+    run = lambda batch, **kw: sim.simulate(cfg, batch=batch, steps=1500, noise=0.0, spell=1.0, seed=0, **kw)  # noqa: E731
+    adaptive, best = run(4), run(4, fixed=2)  # keys are chain lengths here
+    assert adaptive["rate"] > 0.93 * best["rate"] and adaptive["choices"][2] > 0.8 * 1500
+    # batch 64: drafting loses (one token 1.6x a plain step for 1.55 tokens); probes draft for 4
+    # sequences only and keep one token each, so the controller stays close to plain decoding
+    plain, adaptive = run(64, fixed=0)["rate"], run(64)
+    assert adaptive["choices"][0] > 0.95 * 1500 and adaptive["rate"] > 0.97 * plain
+
+
 def test_noise_trace_replays_a_slow_spell():
     from util_scripts import load_script
 

@@ -63,6 +63,13 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   every 15 steps.) Trees' running means do not age. With both (16 seeds, against neither):
   batch 4 0.968 of the best fixed shape on the trace (0.909) and 0.962 under synthetic noise
   (0.942); batch 1 0.949 (0.944) and 0.936 (0.944); batch 16 and 64 unchanged.
+  A plain step ages the counts as at most `probe_seqs` records would (`idle_cap`; accept_decay^min(B, 4)):
+  while plain decoding is best, a probe brings that many records every 32-64 steps, and aged
+  faster the evidence rests on the last probe alone. At batch 64 a plain step aged the counts by
+  0.995^64 = 0.73, so a few steps after a probe nothing but the prior was left, and a probe's
+  4 sequences that accepted 4 of 4 read as E[tokens | 1] = 1.77 (1.6 before it): a traced c=64
+  closed loop switched all 64 sequences to one-token drafts on that (15% predicted), realised
+  break-even for 14 steps and lost the loop's lockstep (0.947 of plain decoding over the run).
 - Samples are compared at the same context (`by_context`): a step's time grows with the tokens
   its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
   of 128 -> 256-token sequences), so the medians of raw samples compared plain steps timed late in
@@ -128,10 +135,16 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   drafting from ever winning back, at any batch.) In a closed loop at c=64, stepped in turn
   with a plain engine, this took the adaptive engine from 0.93-0.95 of its speed to 0.96-0.97.
 - Few-sequence probes: while plain decoding is best, a probe of a k that has a time (measured,
-  or borrowed from other buckets) drafts for `probe_seqs` sequences only (those with the least
-  drafter backlog: the decoder picks them). It refreshes acceptance, which a few sequences
-  measure as well as all, without extending the drafter over every sequence's backlog; it is not
-  a time sample, so such a bucket measures drafting only once it predicts drafting to win.
+  or borrowed from other buckets) drafts for `probe_seqs` sequences only (the decoder takes the
+  batch's sequences in turn, so successive probes sample all of them). It refreshes acceptance,
+  which a few sequences measure as well as all, without extending the drafter over every
+  sequence's backlog; it is not a time sample, so such a bucket measures drafting only once it
+  predicts drafting to win. (The decoder first took the sequences with the least backlog: in a
+  closed loop in lockstep those were the ones probed before, so every probe of a wave measured
+  the same 4 requests. Traced at c=64, their first drafts were accepted 12 times in 20 against
+  0.54 over the full steps, and the controller switched all 64 sequences to one-token drafts
+  for 12 steps at break-even; taken in turn, 9 in 20 and one such step: 0.986 of plain
+  decoding against 0.976, stepped in turn with it.)
 - Drafting must win by a margin: k > 0 is chosen only when its predicted tokens/s beats plain
   decoding's by `min_gain` (10%). Near break-even the estimates are within noise (step times
   of one run drift by +-10% on a shared CPU), and drafting has costs the per-step times miss
@@ -225,6 +238,8 @@ class ControllerConfig:
     # and step, as if each had recorded (False: only per record, so plain steps keep what was
     # learnt before them; see choose)
     idle_decay: bool = True
+    # ... but by at most probe_seqs records a step, what a probe brings (False: by batch records)
+    idle_cap: bool = True
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -235,7 +250,7 @@ class ControllerConfig:
         if not 2 <= self.probe_every <= self.max_probe_every:
             raise ConfigError(f"need 2 <= probe_every <= max_probe_every, got {self.probe_every}, "
                               f"{self.max_probe_every}")
-        for name in ("borrow", "by_context", "noise_margin", "idle_decay"):
+        for name in ("borrow", "by_context", "noise_margin", "idle_decay", "idle_cap"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.extrapolated_probe < 2:
@@ -489,7 +504,10 @@ class SpecController:
         k = self._choose(batch)
         self.choices[k] = self.choices.get(k, 0) + 1
         if k == 0 and self.config.idle_decay:  # acceptance not observed: let it age
-            self.age(len(self.reached), self.config.accept_decay ** batch)  # as batch records would
+            # as batch records would, at most as many as a probe brings (see above)
+            capped = self.config.idle_cap and self.config.probe_seqs
+            records = min(batch, self.config.probe_seqs) if capped else batch
+            self.age(len(self.reached), self.config.accept_decay ** records)
         return k
 
     def _choose(self, batch: int) -> int:

@@ -68,6 +68,7 @@ class SpecDecoder:
         # runs the target's half of a step: execute(items) -> StepOutcome (in process by default)
         self.target = target or LocalTarget(engine.runner, engine.kv_caches, capture_features)
         self.drafting = num_steps > 0  # False once the proposer is lost: plain decoding from then on
+        self.probe_turn = 0  # few-sequence probes so far (each takes the next sequences in turn)
         if controller is not None:
             proposer.time_extend = True  # catch-up time is taken out of the step's time sample
 
@@ -197,9 +198,14 @@ class SpecDecoder:
         return set(drafts)
 
     def _few_drafters(self, items, spec_idx: list[int], n: int) -> list[int]:
-        """Keep drafts for the n sequences of spec_idx with the least drafter backlog (the
-        cheapest to catch up); the others verify no drafts (their lookahead is truncated)."""
-        keep = set(sorted(spec_idx, key=lambda i: self.proposer.backlog(items[i].seq))[:n])
+        """Keep drafts for n of the sequences of spec_idx, taken in turn: the k-th probe takes
+        positions k*n .. k*n + n-1 (mod the batch), so successive probes walk through the batch
+        and their acceptance stands for all of it (the least backlogged, taken before, were
+        the same few requests probe after probe; see controller.py). The others verify no
+        drafts (their lookahead is truncated)."""
+        start = self.probe_turn * n
+        self.probe_turn += 1
+        keep = {spec_idx[(start + j) % len(spec_idx)] for j in range(min(n, len(spec_idx)))}
         for i in spec_idx:
             if i not in keep:
                 items[i].num_draft_tokens = 0
