@@ -21,7 +21,10 @@ simulated controller (windows of its last 5 samples, before `span`) ran 17% plai
 (19% and 31%), against 6% and 23% under --noise 0.1 --spell 1.3. Prints the realised
 tokens per unit time against plain decoding and against the best fixed shape (the oracle), and
 which keys were chosen. Decisions on noisy samples are what this measures; what it leaves out:
-the drafter's catch-up after plain steps and the closed loop's prefills.
+the drafter's catch-up after plain steps and the closed loop's prefills. A probe the controller
+runs for a few sequences (`draft_seqs`) drafts for that many only, keeps one token per sequence
+and gives no time sample, as the decoder's do. `--chains-only` runs the CPU default's candidates
+(chains of 0..5 tokens) instead of chains and trees.
 
 Base step times relative to a plain step (fixed shapes on the bench prompts, 2026-12-06):
 batch 1: chain k 1.10 + 0.08 k (K=2 1.26, K=3 1.34 measured 1.36, K=5 1.50), tree m 1.24 + 0.03 m
@@ -118,7 +121,8 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
         # a few-sequence probe: a plain step plus those sequences' drafts (about their share of
         # the shape's extra cost); each keeps only its first token and the step is no time sample
         extra = 0.0 if few is None else (cost[shape] - 1.0) * min(few, batch) / batch
-        t = (cost[shape] if few is None else 1.0 + extra) * factor * (1 + ELASTICITY[batch] * (position / PROMPT - 1))
+        base = cost[shape] if few is None else 1.0 + extra
+        t = base * factor * (1 + ELASTICITY[batch] * (position / PROMPT - 1))
         got = 0
         for i in range(batch):
             drafts = key and (few is None or i < few)

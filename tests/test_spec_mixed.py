@@ -138,7 +138,10 @@ def test_controller_sim_runs_chains_only_with_few_sequence_probes():
 
     sim = load_script("bench/controller_sim.py")
     cfg = ControllerConfig(max_tokens=5)  # the CPU default: chains of 0..5
-    run = lambda batch, **kw: sim.simulate(cfg, batch=batch, steps=1500, noise=0.0, spell=1.0, seed=0, **kw)  # noqa: E731
+
+    def run(batch, **kw):
+        return sim.simulate(cfg, batch=batch, steps=1500, noise=0.0, spell=1.0, seed=0, **kw)
+
     adaptive, best = run(4), run(4, fixed=2)  # keys are chain lengths here
     assert adaptive["rate"] > 0.93 * best["rate"] and adaptive["choices"][2] > 0.8 * 1500
     # batch 64: drafting loses (one token 1.6x a plain step for 1.55 tokens); probes draft for 4
