@@ -68,9 +68,9 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   32-64 steps, and aged faster the evidence rests on the last probe alone. At batch 64 a plain
   step aged the counts by 0.995^64 = 0.73, so a few steps after a probe nothing but the prior was
   left, and a probe's 4 sequences that accepted 4 of 4 read as E[tokens | 1] = 1.77 (1.6 before
-  it): a traced c=64 closed loop switched all 64 sequences to one-token drafts on that (15%
-  predicted), realised break-even for 14 steps and lost the loop's lockstep (0.947 of plain
-  decoding over the run). The cap alone did not stop such switches (0.969 against 0.966 in a
+  it). In traced c=64 closed loops such probes switched all 64 sequences to one-token drafts (15%
+  predicted gain); one run realised break-even for 14 such steps and lost the loop's lockstep
+  (0.947 of plain decoding over the run). The cap alone did not stop such switches (0.969 against 0.966 in a
   paired run); the probes' choice of sequences was biased too (see few-sequence probes below).
 - Samples are compared at the same context (`by_context`): a step's time grows with the tokens
   its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
