@@ -143,10 +143,10 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   sequence's backlog; it is not a time sample, so such a bucket measures drafting only once it
   predicts drafting to win. (The decoder first took the sequences with the least backlog: in a
   closed loop in lockstep those were the ones probed before, so every probe of a wave measured
-  the same 4 requests. Traced at c=64, their first drafts were accepted 12 times in 20 against
-  0.54 over the full steps, and the controller switched all 64 sequences to one-token drafts
-  for 12 steps at break-even; taken in turn, 9 in 20 and one such step: 0.986 of plain
-  decoding against 0.976, stepped in turn with it.)
+  the same 4 requests. In two paired c=64 runs their first drafts were accepted 28 times in
+  40, against 0.53-0.54 over the full drafting steps, and the controller switched all 64
+  sequences to one-token drafts for 12 and 3 steps at break-even; taken in turn, 17 in 40 and
+  one such step: 0.986 of plain decoding both times, against 0.976 and 0.983.)
 - Drafting must win by a margin: k > 0 is chosen only when its predicted tokens/s beats plain
   decoding's by `min_gain` (10%). Near break-even the estimates are within noise (step times
   of one run drift by +-10% on a shared CPU), and drafting has costs the per-step times miss
