@@ -97,7 +97,6 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
              fixed: int | None = None, trace: list[float] | None = None) -> dict:
     """Tokens per sequence per unit time of one run; chains only (keys 1..k chain k) when cfg
     has no trees, else keys -k chains and +m trees."""
-    chains_only = not cfg.tree
     # the machine and the requests (slow spells, noise, difficulty) depend on the step only, so
     # every policy meets the same ones; acceptance draws have their own generator
     env, rng = random.Random(seed), random.Random(seed + 10_000)
@@ -115,13 +114,12 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
         if trace:
             factor = trace[(offset + n) % len(trace)]
         key = ctrl.choose(batch)
-        shape = -key if chains_only else key  # COST and sample_accept name chains -k
+        shape = key if cfg.tree else -key  # COST and sample_accept name chains -k
         few = ctrl.draft_seqs if fixed is None else None
         position = PROMPT + 2 * (n % WAVE)  # tokens each sequence has computed, about 2 a step
         # a few-sequence probe: a plain step plus those sequences' drafts (about their share of
         # the shape's extra cost); each keeps only its first token and the step is no time sample
-        extra = 0.0 if few is None else (cost[shape] - 1.0) * min(few, batch) / batch
-        base = cost[shape] if few is None else 1.0 + extra
+        base = cost[shape] if few is None else 1.0 + (cost[shape] - 1.0) * min(few, batch) / batch
         t = base * factor * (1 + ELASTICITY[batch] * (position / PROMPT - 1))
         got = 0
         for i in range(batch):
@@ -129,7 +127,7 @@ def simulate(cfg: ControllerConfig, batch: int, steps: int, noise: float, spell:
             a, ranks = sample_accept(rng, shape, ease) if drafts else (0, None)
             got += 1 + (a if few is None else 0)
             if drafts:
-                ctrl.record_accept(abs(key), a, ranks, tree=not chains_only and key > 0)
+                ctrl.record_accept(abs(key), a, ranks, tree=ctrl.is_tree(key))
         if few is None:
             ctrl.record_time(batch, key, t, batch * position)
         ctrl.record_step(t)
@@ -169,7 +167,7 @@ def main(argv=None) -> int:
         return sum(r["rate"] for r in runs) / len(runs), runs
 
     plain = mean_rate(0)[0]
-    shapes = range(6) if args.chains_only else list(COST[args.batch])
+    shapes = range(cfg.max_tokens + 1) if args.chains_only else list(COST[args.batch])
     oracle = {k: mean_rate(k)[0] / plain for k in shapes}  # each fixed shape, same samples
     best = max(oracle, key=oracle.get)
     runs = mean_rate()[1]

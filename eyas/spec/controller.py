@@ -70,8 +70,9 @@ and picks the best k among the candidates (0 = plain decoding, no drafter work a
   left, and a probe's 4 sequences that accepted 4 of 4 read as E[tokens | 1] = 1.77 (1.6 before
   it). In traced c=64 closed loops such probes switched all 64 sequences to one-token drafts (15%
   predicted gain); one run realised break-even for 14 such steps and lost the loop's lockstep
-  (0.947 of plain decoding over the run). The cap alone did not stop such switches (0.969 against 0.966 in a
-  paired run); the probes' choice of sequences was biased too (see few-sequence probes below).
+  (0.947 of plain decoding over the run). The cap alone did not stop such switches (0.969
+  against 0.966 in a paired run); the probes' choice of sequences was biased too (see
+  few-sequence probes below).
 - Samples are compared at the same context (`by_context`): a step's time grows with the tokens
   its sequences attend over (at batch 64 on CPU, plain steps went from 110 to 220 ms over a wave
   of 128 -> 256-token sequences), so the medians of raw samples compared plain steps timed late in
