@@ -218,6 +218,33 @@ def test_a_switch_to_drafting_is_confirmed_by_quick_plain_steps():
     assert [quiet.choose(4) for _ in range(20)].count(0) == 0
 
 
+def reference_steps(draft_seconds: float, max_plain_every=None) -> list[int]:
+    """Steps (of 400 at batch 1) that run plain while one-token drafts, accepted 50 times in 50,
+    are timed at draft_seconds against 0.040 s plain steps."""
+    more = {} if max_plain_every is None else {"max_plain_every": max_plain_every}
+    ctrl = SpecController(ControllerConfig(max_tokens=1, probe_every=32, max_probe_every=64,
+                                           explore_budget=1.0, confirm_steps=0, **more))
+    for _ in range(5):
+        ctrl.record_time(1, 0, 0.040)
+        ctrl.record_time(1, 1, draft_seconds)
+    for _ in range(50):
+        ctrl.record_accept(1, 1)
+    ctrl.debt = 1e9  # an exploration debt never paid off: no probes, which may run plain steps too
+    chosen = [ctrl.choose(1) for _ in range(400)]
+    return [i + 1 for i, k in enumerate(chosen) if k == 0]
+
+
+def test_plain_reference_steps_back_off_only_while_drafting_wins_clearly():
+    # 1.97 tokens (alpha 0.97 with the prior) for 1.1x the time: 79% ahead, more than twice the
+    # 10% margin -> intervals 32, 32, 64, 128, 128
+    assert reference_steps(0.044) == [32, 64, 128, 256, 384]
+    assert reference_steps(0.044, max_plain_every=32) == list(range(32, 401, 32))  # no back-off
+    # 1.97 tokens for 1.75x the time: 13% ahead, drafting but not clearly -> every 32 steps
+    assert reference_steps(0.070) == list(range(32, 401, 32))
+    with pytest.raises(ConfigError):
+        ControllerConfig(max_tokens=1, probe_every=32, max_plain_every=16)
+
+
 def choice_near_break_even(gain: float, min_gain=None) -> int:
     """The choice at batch 16 once one draft, accepted at 0.35, is measured to change tokens/s by
     `gain` (0.1: 10% faster than plain decoding); min_gain None: the default margin."""
