@@ -402,3 +402,20 @@ def test_paired_steps_modes_may_set_the_controller(tiny_llama_path, tiny_drafter
     cfg = engine.spec.controller.config
     assert (cfg.level_steps, cfg.min_gain) == (0, 0.05)
     assert cfg.max_tokens == module.build("adaptive", base, 2).spec.controller.config.max_tokens
+
+
+def test_batch_invariance_script_finds_no_difference_in_fp32(capsys, tmp_path, tiny_llama_path, tiny_drafter_path):
+    from util_scripts import load_script
+
+    module = load_script("bench/batch_invariance.py")
+    assert module.first_differences([[1, 2, 3], [4, 5], [6]], [[1, 2, 3], [4, 7], [8]]) == {1: 1, 2: 0}
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Name a colour."}\n{"id": "b", "prompt": "Count to three."}\n'
+                       '{"id": "c", "prompt": "Say hello."}\n')
+    assert module.main(["--model", str(tiny_llama_path), "--draft", str(tiny_drafter_path), "--dtype", "float32",
+                        "--prompt-file", str(prompts), "--prompts", "3", "--max-tokens", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == list(module.MODES)
+    assert all(": 0 of 3 requests differ" in line for line in lines)
+    with pytest.raises(SystemExit):
+        module.main(["--modes", "plain-alone,fast"])
