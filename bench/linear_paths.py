@@ -5,9 +5,9 @@
 Builds eyas's Llama model of a shape from bench/step_time.py (random weights, SmolLM2-135M by
 default) and takes the weights of its linear layers and LM head, distinct per layer so that they
 stream from memory as in a decode step; times one pass over all of them per row count and path
-(best of --repeats). The engine's `layers/linear.py` sends fp32 products of at most
-MKL_MAX_ROWS rows to MKL and the rest to the packed copy; this shows whether that split holds
-on the machine at hand.
+(best of --repeats). The engine measures the same at start-up (`layers/few_rows.py`) and sends
+fp32 products of at most that many rows to MKL, the rest to the packed copy; this shows the
+whole table, and what the engine's measurement picks, on the machine at hand.
 """
 from __future__ import annotations
 
@@ -22,28 +22,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eyas.layers.linear import MKL_MAX_ROWS, LinearBase, LMHead, can_pack_weights  # noqa: E402
+from eyas.layers.few_rows import measure_mkl_rows, pass_seconds, packed_weights  # noqa: E402
+from eyas.layers.linear import can_pack_weights, pack_linear_weights  # noqa: E402
 from step_time import SHAPES, build  # noqa: E402
 
 
-def model_weights(shape: str, dtype: torch.dtype) -> list[torch.Tensor]:
-    """[out, in] weights of every linear layer and the LM head of a random-weight model."""
+def model_weights(shape: str, dtype: torch.dtype) -> tuple[torch.nn.Module, list]:
+    """A random-weight model with packed copies, and its (plain [out, in], packed) weights."""
     model = build(shape, dtype, torch.device("cpu"))
-    return [m.weight for m in model.modules() if isinstance(m, (LinearBase, LMHead))]
-
-
-def one_pass(weights: list[torch.Tensor], packed: list, rows: int, use_packed: bool) -> float:
-    """Seconds for one product of `rows` rows with every weight."""
-    widths = {w.shape[1] for w in weights}
-    inputs = {n: torch.randn(rows, n).to(weights[0].dtype) for n in widths}  # [rows, in] by in-features
-    start = time.perf_counter()
-    for w, p in zip(weights, packed):
-        x = inputs[w.shape[1]]
-        if use_packed:
-            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-        else:
-            F.linear(x, w)
-    return time.perf_counter() - start
+    pack_linear_weights(model)
+    return model, packed_weights(model)
 
 
 def main(argv=None) -> int:
@@ -56,7 +44,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.num_threads)
     rows = [int(r) for r in args.rows.split(",")]
-    print(f"MKL_MAX_ROWS = {MKL_MAX_ROWS}; ms per pass over all linears, best of {args.repeats}")
+    print(f"ms per pass over all linears, best of {args.repeats}")
     print("| dtype | rows | MKL, plain weight | oneDNN, packed |")
     print("|---|---|---|---|")
     for name in args.dtypes.split(","):
@@ -64,14 +52,17 @@ def main(argv=None) -> int:
         if not can_pack_weights(torch.device("cpu"), dtype):
             print(f"| {name} | - | no oneDNN packing for {name} on this CPU | |")
             continue
-        weights = model_weights(args.shape, dtype)
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
+        model, weights = model_weights(args.shape, dtype)
         for n in rows:
+            inputs = {k: torch.randn(n, k).to(dtype) for k in {w.shape[1] for w, _ in weights}}  # [n, in]
             times = {}
             for use_packed in (False, True):
-                one_pass(weights, packed, n, use_packed)  # warm-up
-                times[use_packed] = min(one_pass(weights, packed, n, use_packed) for _ in range(args.repeats))
+                pass_seconds(weights, inputs, use_packed)  # warm-up
+                times[use_packed] = min(pass_seconds(weights, inputs, use_packed) for _ in range(args.repeats))
             print(f"| {name} | {n} | {1000 * times[False]:.1f} | {1000 * times[True]:.1f} |", flush=True)
+        if dtype == torch.float32:
+            print(f"the engine's measurement (layers/few_rows.py): MKL takes products of at most "
+                  f"{measure_mkl_rows(model)} rows")
     return 0
 
 

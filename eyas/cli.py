@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser, with_executor: bool = True) -> N
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     g.add_argument("--eager", action="store_true", default=None, help="do not torch.compile (also EYAS_EAGER=1)")
     g.add_argument("--num-threads", type=int)
+    g.add_argument("--mkl-max-rows", type=int, choices=range(4), metavar="{0..3}",
+                   help="CPU fp32: products of at most this many rows take MKL's plain weight "
+                        "instead of the packed copy (default: measured at start-up)")
     g.add_argument("--spec-steps", type=int, help="draft chain length K (tree depth)")
     g.add_argument("--spec-topk", type=int, help="branching per draft step (>1 drafts a tree; "
                    "with the adaptive policy the controller then picks a tree or a chain per step)")
@@ -52,7 +55,7 @@ def engine_config_from_args(args: argparse.Namespace):
     cfg = EngineConfig.from_yaml(args.config) if args.config else EngineConfig()
     keys = ["model", "draft", "device", "dtype", "max_model_len", "block_size", "kv_cache_memory",
             "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "eager", "num_threads",
-            "spec_steps", "spec_topk", "spec_draft_tokens", "spec_policy", "spec_dtype", "worker_cpus",
+            "mkl_max_rows", "spec_steps", "spec_topk", "spec_draft_tokens", "spec_policy", "spec_dtype", "worker_cpus",
             "worker_gpus", "drafter_gpus"]
     changes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if os.environ.get("EYAS_EAGER") == "1":

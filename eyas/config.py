@@ -91,6 +91,9 @@ class EngineConfig:
     num_threads: Optional[int] = None  # CPU intra-op threads (None: torch default)
     # oneDNN-packed weight copies for CPU matmuls (None: on for CPU fp32, and bf16 where native)
     packed_weights: Optional[bool] = None
+    # with packed weights, fp32 products of at most this many rows take the plain weight (MKL's
+    # few-row path), 0..3; None: measured at start-up (faster on some CPUs, slower on others)
+    mkl_max_rows: Optional[int] = None
     seed: int = 0
     spec: SpecConfig = field(default_factory=SpecConfig)
     # Where the model runs: local (this process) or ray (tensor-parallel shards + a drafter worker
@@ -119,6 +122,8 @@ class EngineConfig:
         if self.tp > 1 and self.executor == "local":
             raise ConfigError(f"tp={self.tp} needs the ray executor (--executor ray): the local executor "
                               "runs one process")
+        if self.mkl_max_rows is not None and (not isinstance(self.mkl_max_rows, int) or not 0 <= self.mkl_max_rows <= 3):
+            raise ConfigError(f"mkl_max_rows must be an integer 0..3 or unset, got {self.mkl_max_rows!r}")
         if self.worker_cpus <= 0 or self.worker_start_timeout_s <= 0:
             raise ConfigError("worker_cpus and worker_start_timeout_s must be > 0")
 

@@ -17,6 +17,7 @@ from eyas.errors import ConfigError, InvalidRequestError
 from eyas.hub import eos_token_ids, load_tokenizer, resolve_model
 from eyas.kv.allocator import BlockAllocator
 from eyas.kv.cache import KVLayout, allocate_kv, available_memory, kv_layout_for, num_blocks_for
+from eyas.layers.few_rows import measure_mkl_rows, set_mkl_rows
 from eyas.layers.linear import can_pack_weights, pack_linear_weights
 from eyas.layers.sampler import sample
 from eyas.models.loader import load_model
@@ -114,6 +115,17 @@ def pack_weights(config: EngineConfig, device: torch.device, dtype: torch.dtype)
     return can_pack_weights(device, dtype) and not use_graphs(config, device)
 
 
+def pack_cpu_weights(model, config: EngineConfig, what: str) -> None:
+    """oneDNN-packed copies of the model's weights, and the few-row products that still take the
+    plain weight: as configured, else as measured on this CPU (layers/few_rows.py)."""
+    pack_linear_weights(model)
+    rows = config.mkl_max_rows
+    if rows is None:
+        rows = measure_mkl_rows(model)
+        log.info("%s: fp32 products of at most %d rows take MKL's plain weight (measured)", what, rows)
+    set_mkl_rows(model, rows)
+
+
 def build_target_runner(model, config: EngineConfig, num_blocks: int, lookahead: int, device: torch.device,
                         dtype: torch.dtype, warm_up: bool = True) -> tuple[ModelRunner, list]:
     """The target's KV cache (num_blocks, plus never-allocated pad blocks for compiled steps),
@@ -124,7 +136,7 @@ def build_target_runner(model, config: EngineConfig, num_blocks: int, lookahead:
     kv_caches = allocate_kv(kv_layout_for(model), num_blocks + pad_blocks, config.block_size, dtype, device)
     runner = ModelRunner(model, kv_caches, config.block_size, device)
     if pack_weights(config, device, dtype):
-        pack_linear_weights(model)
+        pack_cpu_weights(model, config, "target")
     if compiled:
         runner.enable_graphs(num_blocks * config.block_size, config.max_num_seqs, max_q=max_q,
                              backend=compile_backend(config))
@@ -228,7 +240,7 @@ class LLMEngine:
             self.spec = SpecDecoder(self, proposer, spec.num_draft_tokens, capture_features=True,
                                     controller=make_controller(spec))
         if self.drafter is not None and pack_weights(config, self.device, self.drafter.dtype):
-            pack_linear_weights(self.drafter)
+            pack_cpu_weights(self.drafter, config, "drafter")
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         if self.compiled and config.compile_warmup:

@@ -71,25 +71,3 @@ def test_packed_bf16_linear_matches_plain():
         x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
         torch.testing.assert_close(linear(x, w, None, packed), torch.nn.functional.linear(x, w),
                                    rtol=1.6e-2, atol=1e-2)
-
-
-@pytest.mark.skipif(not can_pack_weights(CPU, torch.float32), reason="no oneDNN packing on this CPU")
-def test_fp32_few_rows_take_the_plain_weight():
-    """fp32 products of at most MKL_MAX_ROWS rows run on the plain weight (MKL's few-row path
-    is faster there), longer ones on the packed copy. A packed copy of a zero weight shows which
-    path ran: the plain one gives x @ W.T, the packed one zeros."""
-    from eyas.layers.linear import MKL_MAX_ROWS
-    gen = torch.Generator().manual_seed(2)
-    w = torch.randn(96, 64, generator=gen)  # [out, in]
-    zeros_packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(w), 16)
-    for rows in range(1, MKL_MAX_ROWS + 3):
-        x = torch.randn(rows, 64, generator=gen)
-        out = linear(x, w, None, zeros_packed)  # [rows, 96]
-        if rows <= MKL_MAX_ROWS:
-            assert torch.equal(out, torch.nn.functional.linear(x, w)), rows
-        else:
-            assert torch.count_nonzero(out) == 0, rows
-    if can_pack_weights(CPU, torch.bfloat16):  # bf16 always takes the packed copy
-        bf16 = torch.randn(1, 64, generator=gen).to(torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(w, dtype=torch.bfloat16), 16)
-        assert torch.count_nonzero(linear(bf16, w.to(torch.bfloat16), None, packed)) == 0

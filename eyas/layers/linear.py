@@ -76,9 +76,10 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        return linear(x, self.weight, self.bias, self.weight_packed)
+        return linear(x, self.weight, self.bias, self.weight_packed, self.mkl_rows)
 
     weight_packed = None  # optional oneDNN-packed copy of weight for CPU; see pack_linear_weights
+    mkl_rows = 0  # fp32 products of at most this many rows skip the packed copy (see linear())
 
 
 class ReplicatedLinear(LinearBase):
@@ -180,7 +181,7 @@ class RowLinear(LinearBase):
         _copy_checked(param.data, loaded_weight.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in_local] -> [T, out]
-        out = linear(x, self.weight, self.bias if self.add_bias else None, self.weight_packed)
+        out = linear(x, self.weight, self.bias if self.add_bias else None, self.weight_packed, self.mkl_rows)
         return out if self.reduce is None else self.reduce(out)  # partial -> summed over ranks
 
 
@@ -237,25 +238,20 @@ class LMHead(VocabEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V_local]
-        return linear(hidden, self.weight, None, self.weight_packed)
+        return linear(hidden, self.weight, None, self.weight_packed, self.mkl_rows)
 
     weight_packed = None
+    mkl_rows = 0
 
 
-# fp32 products of at most this many rows run on the plain [out, in] weight (MKL) even when a
-# packed copy exists: MKL's few-row path reads the weights faster than oneDNN's blocked kernel,
-# which wins from 4 rows on. All SmolLM2-135M linears (30 layers + LM head), fp32, 2 threads, on
-# a 2-core Xeon with AMX (2026-12-06, best of 5): 1 row 22.3 ms MKL against 26.4 packed, 2 rows
-# 25.1 against 29.0, 3 rows 26.3 against 29.3, 4 rows 40.8 against 29.1; in the engine, plain
-# decode at batch 1 ran 19% faster. (Not measured on the EPYC of earlier sessions.) bf16 has no
-# such path (packed 15.8 ms at 1 row against 21.4), so it always takes the packed copy.
-MKL_MAX_ROWS = 3
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias, weight_packed) -> torch.Tensor:
-    """x [..., in] @ W.T (+ b), through the oneDNN-packed copy of W when there is one (except
-    for fp32 products of at most MKL_MAX_ROWS rows)."""
-    if weight_packed is not None and not (x.dtype == torch.float32 and x.numel() <= MKL_MAX_ROWS * x.shape[-1]):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias, weight_packed, mkl_rows: int = 0) -> torch.Tensor:
+    """x [..., in] @ W.T (+ b), through the oneDNN-packed copy of W when there is one, except for
+    fp32 products of at most `mkl_rows` rows, which take the plain weight (MKL's few-row path).
+    Which path reads few rows faster depends on the CPU, so the engine measures it
+    (layers/few_rows.py): on a 2-core Xeon with AMX MKL won at 1-3 rows (SmolLM2's linears at
+    1 row: 22.3 against 26.4 ms), on a 2-core AMD EPYC it lost at every row count (47.8 against
+    26.6 ms at 1 row). bf16 always takes the packed copy."""
+    if weight_packed is not None and not (x.dtype == torch.float32 and x.numel() <= mkl_rows * x.shape[-1]):
         return torch.ops.mkldnn._linear_pointwise(x, weight_packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -274,12 +270,12 @@ def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
 
 def pack_linear_weights(model: nn.Module, batch_hint: int = 16) -> int:
     """Give every linear layer and LM head a oneDNN-packed weight copy; returns bytes added.
+    (Which few-row products still take the plain weight: layers/few_rows.py.)
 
     On x86 CPUs oneDNN's blocked layout runs the products of 4 and more rows (verifying, larger
     batches) 2-3x faster than MKL on the plain [out, in] weight: at M=6 rows, 78 vs 31 GFLOP/s
     for the 576x3072 gate_up of SmolLM2, and a 49k-row LM head in 6 ms instead of 21 ms
-    (measured on this project's 2-core EPYC). Products of fewer rows still take MKL (see
-    MKL_MAX_ROWS). Inference only: the packed copy has no autograd and does
+    (measured on this project's 2-core EPYC). Inference only: the packed copy has no autograd and does
     not follow later in-place changes to `weight`, so call it once all weights are final.
     """
     added = 0
