@@ -19,12 +19,16 @@ from torch import nn
 MAX_ROWS = 3  # from 4 rows on the packed copy won on every CPU measured (Xeon: 29 against 41 ms)
 
 
-def packed_weights(model: nn.Module) -> list[tuple[torch.Tensor, object]]:
-    """(plain [out, in], packed) weights of every linear layer and LM head holding a packed copy."""
+def packed_layers(model: nn.Module) -> list[nn.Module]:
+    """Every linear layer and LM head of the model that holds a packed weight copy."""
     from eyas.layers.linear import LinearBase, LMHead
 
-    return [(m.weight, m.weight_packed) for m in model.modules()
-            if isinstance(m, (LinearBase, LMHead)) and m.weight_packed is not None]
+    return [m for m in model.modules() if isinstance(m, (LinearBase, LMHead)) and m.weight_packed is not None]
+
+
+def packed_weights(model: nn.Module) -> list[tuple[torch.Tensor, object]]:
+    """(plain [out, in], packed) weights of the model's packed layers."""
+    return [(m.weight, m.weight_packed) for m in packed_layers(model)]
 
 
 def pass_seconds(weights, inputs: dict[int, torch.Tensor], packed: bool) -> float:
@@ -64,6 +68,5 @@ def measure_mkl_rows(model: nn.Module, repeats: int = 3, max_rows: int = MAX_ROW
 
 def set_mkl_rows(model: nn.Module, rows: int) -> None:
     """fp32 products of at most `rows` rows take the plain weight in every packed layer."""
-    for m in model.modules():
-        if getattr(m, "weight_packed", None) is not None:
-            m.mkl_rows = rows
+    for m in packed_layers(model):
+        m.mkl_rows = rows
