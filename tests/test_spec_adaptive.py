@@ -218,6 +218,58 @@ def test_a_switch_to_drafting_is_confirmed_by_quick_plain_steps():
     assert [quiet.choose(4) for _ in range(20)].count(0) == 0
 
 
+def _drafting_bucket(stale_steps: int) -> SpecController:
+    """A controller whose bucket 16 drafts one token (plain 80 ms, one draft 90 ms, alpha 0.9),
+    then 300 steps in bucket 4 (plain is best there). The machine's level is off: it would read
+    faster plain steps below as a faster machine."""
+    ctrl = SpecController(ControllerConfig(max_tokens=1, explore_budget=1.0, stale_steps=stale_steps,
+                                           level_steps=0))
+    for _ in range(5):
+        ctrl.record_time(16, 0, 0.080)
+        ctrl.record_time(16, 1, 0.090)
+        ctrl.record_time(4, 0, 0.040)
+        ctrl.record_time(4, 1, 0.080)
+    for _ in range(50):
+        ctrl.record_accept(1, 1)
+    assert [ctrl.choose(16) for _ in range(3)] == [1, 1, 1]
+    ctrl.debt = 1e9  # no probes in bucket 4
+    for _ in range(300):
+        ctrl.choose(4)
+    ctrl.debt = 0.0
+    return ctrl
+
+
+def test_a_bucket_entered_after_long_elsewhere_confirms_drafting_first():
+    # back in bucket 16 after 300 steps elsewhere: a plain reference step first, then the
+    # quick confirm steps, as after a switch to drafting
+    ctrl = _drafting_bucket(stale_steps=256)
+    chosen = [ctrl.choose(16) for _ in range(12)]
+    assert chosen[0] == 0 and chosen[1:4] == [1, 1, 1] and chosen[4] == 0
+    # ... and its fresh plain time decides: plain steps at 50 ms now beat one draft at 90 ms
+    ctrl = _drafting_bucket(stale_steps=256)
+    assert ctrl.choose(16) == 0
+    for _ in range(5):
+        ctrl.record_time(16, 0, 0.050)
+    assert ctrl.choose(16) == 0
+    # a bucket away for fewer steps than stale_steps, or with stale_steps=0, drafts at once
+    assert _drafting_bucket(stale_steps=400).choose(16) == 1
+    assert _drafting_bucket(stale_steps=0).choose(16) == 1
+
+
+def test_fitted_times_lie_between_the_measured_ones():
+    # noisy times of 1 and 2 draft tokens (2 read cheaper): a line through them would put 5
+    # tokens near 0 s a step; kept at least the measured times of fewer rows, it never wins
+    ctrl = SpecController(ControllerConfig(max_tokens=5, explore_budget=1.0))
+    for _ in range(5):
+        ctrl.record_time(8, 1, 0.100)
+        ctrl.record_time(8, 2, 0.060)
+    assert ctrl.step_time(8, 5) >= 0.100
+    assert ctrl.step_time(8, 0) <= 0.060  # plain: at most the cheapest measured draft
+    for _ in range(5):
+        ctrl.record_time(8, 0, 0.050)
+    assert 0.050 <= ctrl.step_time(8, 3) and ctrl.step_time(8, 5) >= 0.100
+
+
 def reference_steps(draft_seconds: float, max_plain_every=None) -> list[int]:
     """Steps (of 400 at batch 1) that run plain while one-token drafts, accepted 50 times in 50,
     are timed at draft_seconds against 0.040 s plain steps."""
@@ -427,8 +479,11 @@ def test_wandering_batches_borrow_instead_of_exploring():
         # (span 0): on this noiseless machine the batch wanders inside each bucket, and windows
         # that also keep the last 160 steps lag it (15 wrong steps borrowed against 29 explored,
         # a little over half; span is tested on its own below). Acceptance ageing off too: with
-        # it the acceptance counts are fewer after plain stretches, and one more step (16) is wrong
-        ctrl = SpecController(ControllerConfig(kmax, borrow=borrow, min_gain=0.03, span=0, idle_decay=False))
+        # it the acceptance counts are fewer after plain stretches, and one more step (16) is wrong.
+        # Stale re-entry off as well: its plain reference step, on entering a bucket not seen for
+        # 256 steps, is wrong here on purpose (it is tested on its own below)
+        ctrl = SpecController(ControllerConfig(kmax, borrow=borrow, min_gain=0.03, span=0, idle_decay=False,
+                                               stale_steps=0))
         wrong, made, seconds = 0, 0.0, 0.0
         for b in wander(seed):
             fresh = len(ctrl.times.get(bucket_of(b), {})) < 2
@@ -485,6 +540,9 @@ def test_bad_controller_config():
     for horizon in (0, True, 1.5):
         with pytest.raises(ConfigError, match="switch_horizon"):
             ControllerConfig(max_tokens=3, switch_horizon=horizon)
+    for stale in (-1, True, 2.5):
+        with pytest.raises(ConfigError, match="stale_steps"):
+            ControllerConfig(max_tokens=3, stale_steps=stale)
 
 
 @pytest.fixture(scope="module")

@@ -229,6 +229,9 @@ class ControllerConfig:
     # be a stale sample from a slow spell of the machine, which is what made drafting look best
     confirm_steps: int = 4
     confirm_every: int = 4
+    # a bucket entered again after more than this many steps in other buckets re-confirms a
+    # drafting best against a plain step first, as if drafting had just overtaken (0: off)
+    stale_steps: int = 256
     # while drafting wins clearly (its predicted tokens/s beats plain decoding's by twice the
     # margin it needs), the plain reference steps back off: their interval doubles from
     # probe_every up to this (probe_every: never back off; see _choose)
@@ -287,6 +290,8 @@ class ControllerConfig:
         if not isinstance(self.max_plain_every, int) or self.max_plain_every < self.probe_every:
             raise ConfigError(f"need max_plain_every >= probe_every, got {self.max_plain_every!r}, "
                               f"{self.probe_every}")
+        if not isinstance(self.stale_steps, int) or isinstance(self.stale_steps, bool) or self.stale_steps < 0:
+            raise ConfigError(f"stale_steps must be an integer >= 0, got {self.stale_steps!r}")
         if self.confirm_steps < 0 or self.confirm_every < 2:
             raise ConfigError(f"need confirm_steps >= 0 and confirm_every >= 2, got {self.confirm_steps}, "
                               f"{self.confirm_every}")
@@ -315,6 +320,16 @@ def line_fit(points: dict[int, float], k: int) -> float:
     var = sum((x - mk) ** 2 for x in ks)
     slope = sum((x - mk) * (y - mt) for x, y in zip(ks, ts)) / var
     return max(mt + slope * (k - mk), 1e-9)
+
+
+def within_measured(points: dict[int, float], k: int, t: float) -> float:
+    """A fitted time t for k, kept between the measured times around it: verifying more rows
+    never makes a step cheaper, so t is at least every measured time of fewer rows and at most
+    every one of more (when noise makes those overlap, t as fitted). A line through noisy times
+    of 1 and 2 draft tokens once put 5 tokens at batch 5 at 0.5 ms a step."""
+    lo = max((v for j, v in points.items() if j < k), default=0.0)
+    hi = min((v for j, v in points.items() if j > k), default=float("inf"))
+    return min(max(t, lo), hi) if lo <= hi else t
 
 
 def along_batch(x: float, x1: float, t1: float, x2: float, t2: float) -> float:
@@ -349,6 +364,8 @@ class SpecController:
         self.lines: dict[int, ContextLine] = {}  # bucket -> plain-step time against the context
         self.context: dict[int, Optional[float]] = {}  # bucket -> context of its latest timed step
         self.steps: dict[int, int] = {}  # bucket -> steps chosen so far
+        self.clock = 0  # steps chosen so far, all buckets
+        self.last_seen: dict[int, int] = {}  # bucket -> self.clock at its latest step
         self.best: dict[int, int] = {}  # bucket -> current best k
         self.interval: dict[int, int] = {}  # bucket -> steps until the probe after next
         self.next_probe: dict[int, int] = {}  # bucket -> step count of the next probe
@@ -409,7 +426,9 @@ class SpecController:
             for j, t in known.items():  # a chain and a tree of equal rows: their mean
                 family.setdefault(abs(j), []).append(t)
             family = {j: sum(ts) / len(ts) for j, ts in family.items()}
-        return line_fit(family, abs(k)) if len(family) >= 2 else next(iter(family.values()))
+        if len(family) < 2:
+            return next(iter(family.values()))
+        return within_measured(family, abs(k), line_fit(family, abs(k)))
 
     def batch_behind(self, bucket: int, k: int) -> float:
         """Mean batch size of the steps behind a modelled bucket's time for k (measured k: its
@@ -532,6 +551,7 @@ class SpecController:
         b = bucket_of(batch)
         known = self.times.get(b, {})
         n = self.steps[b] = self.steps.get(b, 0) + 1
+        stale = self._back_after_long(b)
         if len(known) < 2 and not self.sources(b):  # nothing to borrow: explore on our own
             for k in (self.config.max_tokens, 0):  # two measured points before any model
                 if k not in known:
@@ -549,6 +569,8 @@ class SpecController:
                 self.next_plain[b] = min(self.next_plain.get(b, n + 2), n + 2)
             self.best[b], self.interval[b] = best, self.config.probe_every
             self.plain_every[b] = self.config.probe_every
+        if stale and best != 0:
+            self.next_plain[b] = n  # the fresh plain reference comes first
         if best != 0 and n >= self.next_plain.get(b, self.config.probe_every):
             # drafting is judged against plain decoding, so t(B, 0) stays fresh: a plain step
             # every probe_every steps (confirm_every right after a switch), backing off only
@@ -580,6 +602,23 @@ class SpecController:
                 self.draft_seqs = self.config.probe_seqs
             return k
         return best
+
+    def _back_after_long(self, b: int) -> bool:
+        """Whether bucket b is entered again after more than `stale_steps` steps elsewhere while
+        its best is to draft; if so its best is set back to plain decoding, so that drafting has
+        to win again against a fresh plain step (the confirm steps above). Its times were
+        sampled at another time and stored relative to the machine's level then: a bench's c=16
+        level after a c=4 one found t(16, 0) read 1.5x t(16, 1) / E[tokens | 1], drafted one
+        token for 10 steps (128 ms a step against 80 plain) and lost the closed loop's lockstep,
+        which split its next prefills (0.90-0.91 of plain decoding, against 1.01 for the same
+        level run first)."""
+        self.clock += 1
+        away = self.clock - self.last_seen.get(b, self.clock)
+        self.last_seen[b] = self.clock
+        if self.config.stale_steps and away > self.config.stale_steps and self.best.get(b, 0) != 0:
+            self.best[b] = 0
+            return True
+        return False
 
     def probe_choice(self, b: int, best: int) -> int:
         """The candidate a probe in bucket b runs, given the bucket's current best."""
