@@ -219,9 +219,9 @@ def test_a_switch_to_drafting_is_confirmed_by_quick_plain_steps():
 
 
 def _drafting_bucket(stale_steps: int) -> SpecController:
-    """A controller whose bucket 16 drafts one token (plain 80 ms, one draft 90 ms, alpha 0.9),
-    then 300 steps in bucket 4 (plain is best there). The machine's level is off: it would read
-    faster plain steps below as a faster machine."""
+    """A controller whose bucket 16 drafts one token (plain 80 ms, one draft 90 ms, accepted 50
+    times in 50), then 300 steps in bucket 4 (plain is best there). The machine's level is off:
+    it would read faster plain steps below as a faster machine."""
     ctrl = SpecController(ControllerConfig(max_tokens=1, explore_budget=1.0, stale_steps=stale_steps,
                                            level_steps=0))
     for _ in range(5):

@@ -567,10 +567,10 @@ class SpecController:
                 # drafting overtook plain decoding: confirm against fresh plain steps soon
                 self.confirm[b] = self.config.confirm_steps
                 self.next_plain[b] = min(self.next_plain.get(b, n + 2), n + 2)
+            if stale:  # its best was set back to 0 and drafting won again: a plain reference first
+                self.next_plain[b] = n
             self.best[b], self.interval[b] = best, self.config.probe_every
             self.plain_every[b] = self.config.probe_every
-        if stale and best != 0:
-            self.next_plain[b] = n  # the fresh plain reference comes first
         if best != 0 and n >= self.next_plain.get(b, self.config.probe_every):
             # drafting is judged against plain decoding, so t(B, 0) stays fresh: a plain step
             # every probe_every steps (confirm_every right after a switch), backing off only
